@@ -1,0 +1,221 @@
+"""The AudioCLIP model: any subset of the three towers plus the checkpoint's logit scales.
+
+Construction goes through ``from_checkpoint`` / ``from_state_dict``: modules are built on
+the meta device and the weights are *assigned*, never copied on CPU, so replicas that map
+the same memory (an mmap'd file, Ray's shared object store) share it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .audio import ESResNeXtFBSP
+from .config import TOWERS, AudioCLIPConfig
+from .errors import CheckpointError, InvalidInputError
+from .image import ModifiedResNet
+from .text import TextTower
+from .tokenizer import tokenize_to_ids
+
+AudioNorm = Literal["running", "per_clip"]
+_DTYPES = {
+    None: None,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+LOGIT_SCALE_MAX = 100.0
+
+
+class LogitScales(NamedTuple):
+    """exp(logit scale) of each modality pair, clamped to [1, 100] as AudioCLIP does."""
+
+    image_text: float
+    audio_image: float
+    audio_text: float
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of fp32, fp16, bf16, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _check_towers(towers: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(towers, str):
+        towers = (towers,)
+    unknown = set(towers) - set(TOWERS)
+    if unknown or not towers:
+        raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {tuple(towers)}")
+    return tuple(t for t in TOWERS if t in towers)
+
+
+def pad_token_ids(ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Zero-pad token id lists to the longest one: ``[B, L_max]`` int64."""
+    length = max((len(x) for x in ids), default=1)
+    out = torch.zeros(len(ids), length, dtype=torch.long)
+    for row, seq in enumerate(ids):
+        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+class AudioCLIP(nn.Module):
+    """Image, text and audio towers mapping into one ``embed_dim`` space (unnormalised outputs)."""
+
+    def __init__(self, config: AudioCLIPConfig | None = None, towers: Sequence[str] = TOWERS) -> None:
+        super().__init__()
+        self.config = config = config or AudioCLIPConfig()
+        self.towers = _check_towers(towers)
+        if "image" in self.towers:
+            self.visual = ModifiedResNet(
+                config.vision_layers,
+                config.embed_dim,
+                config.vision_heads,
+                config.image_resolution,
+                config.vision_width,
+            )
+        if "text" in self.towers:
+            self.text = TextTower(
+                config.context_length,
+                config.vocab_size,
+                config.transformer_width,
+                config.transformer_heads,
+                config.transformer_layers,
+                config.embed_dim,
+            )
+        if "audio" in self.towers:
+            self.audio = ESResNeXtFBSP(
+                config.audio_layers, config.embed_dim, config.n_fft, config.hop_length, config.win_length
+            )
+        self.logit_scale = nn.Parameter(torch.ones([]))
+        self.logit_scale_ai = nn.Parameter(torch.full([], math.log(100.0)))
+        self.logit_scale_at = nn.Parameter(torch.full([], math.log(100.0)))
+        self.audio_norm: AudioNorm = "running"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        towers: Sequence[str] = TOWERS,
+        *,
+        dtype: str | torch.dtype | None = None,
+        audio_norm: AudioNorm = "running",
+        config: AudioCLIPConfig | None = None,
+    ) -> AudioCLIP:
+        """Load a released ``.pt`` (weights_only, mmap) or ``.safetensors`` checkpoint strictly."""
+        state_dict = ckpt.read_state_dict(path)
+        return cls.from_state_dict(state_dict, device, towers, dtype=dtype, audio_norm=audio_norm, config=config)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, object],
+        device: str | torch.device = "cpu",
+        towers: Sequence[str] = TOWERS,
+        *,
+        dtype: str | torch.dtype | None = None,
+        audio_norm: AudioNorm = "running",
+        config: AudioCLIPConfig | None = None,
+    ) -> AudioCLIP:
+        """Build the requested towers from checkpoint-named tensors or numpy arrays, without copying on CPU.
+
+        ``dtype`` (fp16/bf16) applies to the image and text towers; the audio tower stays fp32
+        because its log-spectrogram front end is rounding-sensitive.
+        """
+        device = torch.device(device)
+        half = _resolve_dtype(dtype)
+        with torch.device("meta"):
+            model = cls(config, towers)
+        selected = ckpt.select_for_model(state_dict, model.state_dict(keep_vars=True), model.towers)
+        model.load_state_dict(selected, strict=True, assign=True)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:
+            raise CheckpointError(f"tensors left unloaded: {leftover}")
+        model.to(device)
+        if half is not None and half != torch.float32:
+            for name in ("visual", "text"):
+                if hasattr(model, name):
+                    getattr(model, name).to(half)
+        model.set_audio_norm(audio_norm)
+        return model.eval().requires_grad_(False)
+
+    def set_audio_norm(self, mode: AudioNorm) -> None:
+        """``running``: BatchNorm running statistics (reference eval mode). ``per_clip``: each clip's own."""
+        if mode not in ("running", "per_clip"):
+            raise ValueError(f"audio_norm must be 'running' or 'per_clip', got {mode!r}")
+        self.audio_norm = mode
+        if hasattr(self, "audio"):
+            self.audio.set_per_sample_norm(mode == "per_clip")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def logit_scales(self) -> LogitScales:
+        def scale(p: torch.Tensor) -> float:
+            return float(p.detach().float().exp().clamp(1.0, LOGIT_SCALE_MAX))
+
+        return LogitScales(scale(self.logit_scale), scale(self.logit_scale_ai), scale(self.logit_scale_at))
+
+    def _tower(self, name: str, attr: str) -> nn.Module:
+        if name not in self.towers:
+            raise RuntimeError(f"this model was built without the {name} tower (towers={self.towers})")
+        return getattr(self, attr)
+
+    # ------------------------------------------------------------------ encoders
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, R, R]`` CLIP-normalised pixels -> ``[B, embed_dim]`` float32 features."""
+        visual = self._tower("image", "visual")
+        size = self.config.image_resolution
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise InvalidInputError(
+                f"pixels must be [B, 3, {size}, {size}], got {list(pixels.shape)}", reason="bad_shape"
+            )
+        return visual(pixels.to(self.device)).float()
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` BPE ids (SOT ... EOT, zero padded) -> ``[B, embed_dim]`` float32 features."""
+        text = self._tower("text", "text")
+        return text(tokens.to(self.device)).float()
+
+    def encode_text(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
+        """One string per item -> ``[B, embed_dim]``; runs only as long as the batch's longest text."""
+        ids = tokenize_to_ids(texts, self.config.context_length, truncate=truncate)
+        return self.encode_tokens(pad_token_ids(ids))
+
+    @torch.inference_mode()
+    def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
+        """``[B, C, N]`` 44.1 kHz int16-range audio, C = 1 or 2 -> ``[B, embed_dim]`` float32 features."""
+        audio = self._tower("audio", "audio")
+        if waveform.ndim != 3 or waveform.shape[1] not in (1, 2) or waveform.shape[2] == 0:
+            raise InvalidInputError(
+                f"waveform must be [B, C in (1, 2), N > 0], got {list(waveform.shape)}", reason="bad_shape"
+            )
+        return audio(waveform.to(self.device, torch.float32))
+
+
+def checkpoint_layout(config: AudioCLIPConfig | None = None) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Every checkpoint key of the full model with its shape and whether it is floating point."""
+    with torch.device("meta"):
+        model = AudioCLIP(config)
+    return {
+        ckpt.to_checkpoint_key(name): (tuple(t.shape), t.is_floating_point())
+        for name, t in model.state_dict(keep_vars=True).items()
+    }
