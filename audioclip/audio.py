@@ -30,7 +30,10 @@ class AudioBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.per_sample:
             return super().forward(x)
-        return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
+        # Statistics over each sample's own map; a 1x1 map (the last gate) gives var 0 -> output = bias.
+        var, mean = torch.var_mean(x, dim=(2, 3), unbiased=False, keepdim=True)
+        scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
 
 
 class LinearFBSP(nn.Module):

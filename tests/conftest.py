@@ -1,0 +1,68 @@
+"""Shared fixtures: golden data, synthetic-v1 checkpoints and one model per test session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden"
+INPUTS = GOLDEN / "inputs"
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / "golden.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict:
+    return json.loads((GOLDEN / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_weights() -> dict[str, np.ndarray]:
+    """synthetic-v1 weights of the set the golden vectors were made with."""
+    from audioclip import synthetic_state_dict
+
+    return synthetic_state_dict("shared")
+
+
+@pytest.fixture(scope="session")
+def shared_checkpoint(shared_weights, tmp_path_factory) -> Path:
+    """The shared weights saved in the released checkpoint format (flat state_dict, torch.save)."""
+    path = tmp_path_factory.mktemp("ckpt") / "AudioCLIP-synthetic-shared.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in shared_weights.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(shared_checkpoint):
+    from audioclip import AudioCLIP
+
+    return AudioCLIP.from_checkpoint(shared_checkpoint)
+
+
+def max_rel(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max |ours - ref| / max |ref|, the golden README's relative error."""
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
