@@ -54,7 +54,10 @@ class LinearFBSP(nn.Module):
 
     def complex_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """The filter bank as (real, imaginary) ``[out, in]`` matrices, computed as the reference does."""
-        t = math.pi * torch.linspace(-1.0, 1.0, self.in_features, dtype=dtype, device=self.m.device) + FBSP_EPS
+        t = (
+            math.pi * torch.linspace(-1.0, 1.0, self.in_features, dtype=dtype, device=self.m.device)
+            + FBSP_EPS
+        )
         t = t.view(1, -1)
         m = self.m.to(dtype).view(-1, 1)
         fb = self.fb.to(dtype).view(-1, 1)
@@ -93,7 +96,9 @@ class LinearFBSP(nn.Module):
 class Attention2d(nn.Module):
     """Attention gate: pooled input -> depthwise conv -> pointwise conv -> BN -> sigmoid."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int], padding: tuple[int, int]):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: tuple[int, int], padding: tuple[int, int]
+    ):
         super().__init__()
         self.conv_depth = nn.Conv2d(in_channels, in_channels, kernel, padding=padding, groups=in_channels)
         self.conv_point = nn.Conv2d(in_channels, out_channels, 1)
@@ -200,7 +205,7 @@ class ESResNeXtFBSP(nn.Module):
         return F.pad(frames, (fft_pad // 2, fft_pad - fft_pad // 2))
 
     def log_spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
-        """``[B, C, N]`` int16-range audio -> ``[B*C, 3, 341, T]`` dB image (R, G, B = low, mid, high bands)."""
+        """``[B, C, N]`` int16-range audio -> ``[B*C, 3, 341, T]`` dB images (low, mid, high bands)."""
         x = waveform.to(torch.float32).flatten(0, 1)
         x = ((x - INT16_MIN) * 2.0) / (INT16_MAX - INT16_MIN) - 1.0
         real, imag = self.fbsp(self.frames(x))  # [B*C, T, n_fft//2+1] each

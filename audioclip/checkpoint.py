@@ -9,6 +9,7 @@ a state_dict against the architecture, listing every missing, unexpected or mis-
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -148,3 +149,33 @@ def select_for_model(
     if problems:
         raise CheckpointError("checkpoint does not match AudioCLIP: " + "; ".join(problems))
     return selected
+
+
+# sha256 of the AudioCLIP v0.1 release files; a file with one of these names must match.
+KNOWN_CHECKPOINTS = {
+    "AudioCLIP-Full-Training.pt": "2441d35b353352c8b1bbfb8f7c687f46314c3d2909e940eaf763b8c17f632c44",
+    "AudioCLIP-Partial-Training.pt": "1921885b6c3b5de0619f2ef4a9700ecbade758a398b34eb064230c30baef0c75",
+}
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_known_checkpoint(path: str | os.PathLike) -> str:
+    """The file's sha256; for a released checkpoint's name, it must be the released file's."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    sha256 = file_sha256(path)
+    expected = KNOWN_CHECKPOINTS.get(path.name)
+    if expected is not None and sha256 != expected:
+        raise CheckpointError(
+            f"{path.name} has sha256 {sha256}, not the released {expected}: the file is corrupt or "
+            "incomplete; download it again"
+        )
+    return sha256

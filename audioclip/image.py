@@ -85,7 +85,12 @@ class ModifiedResNet(nn.Module):
     """CLIP's ResNet: 3-conv stem, anti-aliased strided blocks, attention pooling."""
 
     def __init__(
-        self, layers: tuple[int, ...], output_dim: int, heads: int, input_resolution: int = 224, width: int = 64
+        self,
+        layers: tuple[int, ...],
+        output_dim: int,
+        heads: int,
+        input_resolution: int = 224,
+        width: int = 64,
     ) -> None:
         super().__init__()
         self.input_resolution = input_resolution

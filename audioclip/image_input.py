@@ -25,7 +25,7 @@ import torchvision.transforms.v2.functional as tvf2
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from audioclip.errors import InvalidInputError
+from audioclip.errors import InvalidInputError, describe
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -53,9 +53,11 @@ def _open_encoded(data: bytes | bytearray | memoryview, max_pixels: int) -> Imag
     try:
         image = Image.open(io.BytesIO(bytes(data)))
     except Image.DecompressionBombError as err:
-        raise InvalidInputError(f"image is too large to decode: {err}", reason="too_many_pixels") from err
+        raise InvalidInputError(
+            f"image is too large to decode: {describe(err)}", reason="too_many_pixels"
+        ) from err
     except _DECODE_ERRORS as err:
-        raise InvalidInputError(f"cannot decode image bytes: {err}", reason="undecodable") from err
+        raise InvalidInputError(f"cannot decode image bytes: {describe(err)}", reason="undecodable") from err
     _check_pixel_count(*image.size, max_pixels)
     return image
 
@@ -66,9 +68,11 @@ def _decode_pixels(image: Image.Image) -> Image.Image:
         image.load()
         return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as err:
-        raise InvalidInputError(f"image is too large to decode: {err}", reason="too_many_pixels") from err
+        raise InvalidInputError(
+            f"image is too large to decode: {describe(err)}", reason="too_many_pixels"
+        ) from err
     except _DECODE_ERRORS as err:
-        raise InvalidInputError(f"cannot decode image: {err}", reason="undecodable") from err
+        raise InvalidInputError(f"cannot decode image: {describe(err)}", reason="undecodable") from err
 
 
 def _float_to_uint8(array: np.ndarray) -> np.ndarray:
@@ -94,7 +98,9 @@ def _array_to_pil(array: np.ndarray, max_pixels: int) -> Image.Image:
             reason="bad_shape",
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InvalidInputError(f"image array has an empty dimension: shape {array.shape}", reason="bad_shape")
+        raise InvalidInputError(
+            f"image array has an empty dimension: shape {array.shape}", reason="bad_shape"
+        )
     _check_pixel_count(array.shape[1], array.shape[0], max_pixels)
     if np.issubdtype(array.dtype, np.floating):
         array = _float_to_uint8(array)
@@ -125,7 +131,9 @@ def to_pil(image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
     )
 
 
-def crop_to_uint8(image: ImageLike, size: int = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def crop_to_uint8(
+    image: ImageLike, size: int = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Reference geometry: short side to ``size`` with PIL bicubic, centre crop, then RGB.
 
     Returns a writable uint8 ``[size, size, 3]`` array. The order (resize before RGB conversion)
@@ -136,7 +144,9 @@ def crop_to_uint8(image: ImageLike, size: int = IMAGE_SIZE, max_pixels: int = DE
         resized = tvf.resize(pil, [size], interpolation=InterpolationMode.BICUBIC)
         rgb = tvf.center_crop(resized, [size, size]).convert("RGB")
     except _DECODE_ERRORS as err:
-        raise InvalidInputError(f"cannot resize image of mode {pil.mode}: {err}", reason="undecodable") from err
+        raise InvalidInputError(
+            f"cannot resize image of mode {pil.mode}: {describe(err)}", reason="undecodable"
+        ) from err
     return np.array(rgb, dtype=np.uint8)
 
 
@@ -171,7 +181,9 @@ def _writable(array: np.ndarray) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-def _hwc_to_chw_uint8(image: torch.Tensor | np.ndarray, index: int, device: torch.device | str) -> torch.Tensor:
+def _hwc_to_chw_uint8(
+    image: torch.Tensor | np.ndarray, index: int, device: torch.device | str
+) -> torch.Tensor:
     """Validate one decoded RGB image and move it to the device as ``[3, H, W]`` uint8."""
     tensor = torch.from_numpy(_writable(image)) if isinstance(image, np.ndarray) else image
     if not isinstance(tensor, torch.Tensor):
@@ -181,7 +193,9 @@ def _hwc_to_chw_uint8(image: torch.Tensor | np.ndarray, index: int, device: torc
             reason="unsupported_type",
         )
     if tensor.dtype != torch.uint8:
-        raise InvalidInputError(f"image {index} has dtype {tensor.dtype}; expected uint8", index=index, reason="bad_dtype")
+        raise InvalidInputError(
+            f"image {index} has dtype {tensor.dtype}; expected uint8", index=index, reason="bad_dtype"
+        )
     if tensor.ndim != 3 or tensor.shape[2] != 3 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise InvalidInputError(
             f"image {index} has shape {tuple(tensor.shape)}; expected non-empty [H, W, 3] RGB",

@@ -118,7 +118,9 @@ class AudioCLIP(nn.Module):
     ) -> AudioCLIP:
         """Load a released ``.pt`` (weights_only, mmap) or ``.safetensors`` checkpoint strictly."""
         state_dict = ckpt.read_state_dict(path)
-        return cls.from_state_dict(state_dict, device, towers, dtype=dtype, audio_norm=audio_norm, config=config)
+        return cls.from_state_dict(
+            state_dict, device, towers, dtype=dtype, audio_norm=audio_norm, config=config
+        )
 
     @classmethod
     def from_state_dict(

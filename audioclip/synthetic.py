@@ -45,9 +45,12 @@ def _synthetic_value(key: str, shape: tuple[int, ...], keys: set[str], z: np.nda
     if key.startswith("logit_scale"):
         return np.full(shape, math.log(100.0))
     if f"{module}.running_var" in keys:  # a BatchNorm
-        return {"weight": 1 + 0.1 * z, "bias": 0.1 * z, "running_mean": 0.1 * z, "running_var": np.exp(0.2 * z)}[
-            leaf
-        ]
+        return {
+            "weight": 1 + 0.1 * z,
+            "bias": 0.1 * z,
+            "running_mean": 0.1 * z,
+            "running_var": np.exp(0.2 * z),
+        }[leaf]
     if module.rpartition(".")[2].startswith("ln_"):  # a LayerNorm
         return 1 + 0.1 * z if leaf == "weight" else 0.1 * z
     if key == "token_embedding.weight":
@@ -63,7 +66,9 @@ def _synthetic_value(key: str, shape: tuple[int, ...], keys: set[str], z: np.nda
     return 0.02 * z
 
 
-def synthetic_state_dict(set_name: str = "shared", config: AudioCLIPConfig | None = None) -> dict[str, np.ndarray]:
+def synthetic_state_dict(
+    set_name: str = "shared", config: AudioCLIPConfig | None = None
+) -> dict[str, np.ndarray]:
     """The full checkpoint-named state_dict of synthetic-v1 weights for ``set_name``, as numpy arrays."""
     from .model import checkpoint_layout  # the layout needs the towers; avoid an import cycle
 

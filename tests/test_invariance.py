@@ -90,7 +90,9 @@ def test_audio_norm_modes_differ_and_validate(shared_weights, golden):
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 2, 8, 32])
 def test_audio_batch_sizes_agree(model, golden, batch_size):
-    clips = torch.from_numpy(np.stack([golden["audio_input_1"][:, i * 4410 : i * 4410 + 22050] for i in range(4)]))
+    clips = torch.from_numpy(
+        np.stack([golden["audio_input_1"][:, i * 4410 : i * 4410 + 22050] for i in range(4)])
+    )
     batch = clips[torch.arange(batch_size) % 4]
     together = model.encode_audio(batch)
     alone = torch.cat([model.encode_audio(clips[i : i + 1]) for i in range(4)])[torch.arange(batch_size) % 4]

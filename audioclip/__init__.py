@@ -1,0 +1,34 @@
+"""AudioCLIP (arXiv 2106.13043) as a library: image, text and audio towers in one 1024-d space.
+
+No serving code lives here; ``deployments/`` builds on this package.
+"""
+
+from .audio_input import SAMPLE_RATE, load_audio
+from .checkpoint import read_state_dict
+from .config import TOWERS, AudioCLIPConfig
+from .errors import AudioCLIPError, CheckpointError, InvalidInputError, TextTooLongError
+from .image_input import crop_to_uint8, normalize_pixels, preprocess_image, preprocess_images_torch
+from .model import AudioCLIP, LogitScales
+from .synthetic import synthetic_state_dict
+from .tokenizer import tokenize, tokenize_to_ids
+
+__all__ = [
+    "SAMPLE_RATE",
+    "TOWERS",
+    "AudioCLIP",
+    "AudioCLIPConfig",
+    "AudioCLIPError",
+    "CheckpointError",
+    "InvalidInputError",
+    "LogitScales",
+    "TextTooLongError",
+    "crop_to_uint8",
+    "load_audio",
+    "normalize_pixels",
+    "preprocess_image",
+    "preprocess_images_torch",
+    "read_state_dict",
+    "synthetic_state_dict",
+    "tokenize",
+    "tokenize_to_ids",
+]

@@ -1,0 +1,50 @@
+"""The application builder: ``import_path: deployments.app:build_app`` in a serve config.
+
+It only wires deployments together (no loading, no ``ray.put``): under ``serve deploy`` it
+runs in a short-lived build task whose objects would die with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+
+from .router import Router
+from .settings import AppArgs
+from .towers import TOWER_DEPLOYMENTS
+from .weights import WeightStore
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Weight store -> one deployment per requested tower -> router (the ingress)."""
+    settings = AppArgs.model_validate(args or {})
+    store = WeightStore.bind(settings.checkpoint, settings.towers)
+    model_options = {
+        "audio_norm": settings.audio_norm,
+        "fixed_clip_seconds": settings.fixed_clip_seconds,
+        "max_audio_seconds": settings.limits.max_audio_seconds,
+    }
+    towers = {}
+    for name in settings.towers:
+        tower = settings.tower(name)
+        deployment = TOWER_DEPLOYMENTS[name].options(
+            num_replicas=tower.num_replicas,
+            max_ongoing_requests=tower.ongoing_limit,
+            ray_actor_options={"num_cpus": tower.num_cpus, "num_gpus": tower.num_gpus},
+            user_config={
+                "max_batch_size": tower.max_batch_size,
+                "batch_wait_timeout_s": tower.batch_wait_timeout_s,
+            },
+        )
+        tower_args = {**tower.model_dump(), "torch_threads": tower.torch_threads}
+        towers[name] = deployment.bind(store, tower_args, model_options)
+    router = settings.router
+    return Router.options(
+        num_replicas=router.num_replicas,
+        max_ongoing_requests=router.max_ongoing_requests,
+        max_queued_requests=router.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=router.retry_after_s),
+        ray_actor_options={"num_cpus": router.num_cpus},
+    ).bind(store, towers, settings.model_dump())

@@ -1,0 +1,77 @@
+"""Typed application arguments: what a serve config's ``args`` may say, with defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Tower = Literal["image", "text", "audio"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TowerSettings(_Strict):
+    """Placement and batching of one tower deployment."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(1.0, ge=0.0)
+    threads: int | None = Field(None, ge=1, description="torch threads; default: the replica's CPU share")
+    dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 x max_batch_size")
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.num_cpus))
+
+    @property
+    def ongoing_limit(self) -> int:
+        return max(self.max_ongoing_requests or 0, 2 * self.max_batch_size)
+
+
+class Limits(_Strict):
+    """Request limits, enforced in the router before any decoding where possible."""
+
+    max_items: int = Field(256, ge=1)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(50_000_000, ge=1)
+    max_audio_seconds: float = Field(300.0, gt=0.0)
+    max_text_chars: int = Field(20_000, ge=1)
+
+
+class RouterSettings(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0.0)
+    decode_threads: int = Field(2, ge=1, description="threads decoding images and audio")
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(1024, ge=-1, description="-1: unbounded; over it: 503 + Retry-After")
+    retry_after_s: int = Field(1, ge=1)
+
+
+class AppArgs(_Strict):
+    """The ``args`` of ``deployments.app:build_app``."""
+
+    checkpoint: str = Field("synthetic:demo", description="a .pt/.safetensors path, or synthetic:NAME")
+    model_name: str = "audioclip"
+    towers: list[Tower] = Field(default_factory=lambda: ["image", "text", "audio"])
+    audio_norm: Literal["running", "per_clip"] = "running"
+    fixed_clip_seconds: float | None = Field(None, gt=0.0, description="pad/crop clips to this length")
+    image: TowerSettings = Field(default_factory=TowerSettings)
+    text: TowerSettings = Field(default_factory=TowerSettings)
+    audio: TowerSettings = Field(default_factory=lambda: TowerSettings(max_batch_size=8))
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _towers_unique(self) -> AppArgs:
+        if not self.towers or len(set(self.towers)) != len(self.towers):
+            raise ValueError(f"towers must be a non-empty list without repeats, got {self.towers}")
+        return self
+
+    def tower(self, name: str) -> TowerSettings:
+        return getattr(self, name)

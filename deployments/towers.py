@@ -1,0 +1,347 @@
+"""One Serve deployment per AudioCLIP tower, with dynamic batching.
+
+A call is ``embed(items, options)`` for one request's items; ``@serve.batch`` merges
+concurrent calls into one forward. Item problems are returned in the item's request slot,
+so a bad item fails only its own request. The forward runs on a one-thread executor, off
+the replica's event loop, so health checks and new requests are served while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from audioclip import AudioCLIP, InvalidInputError
+from audioclip.audio_input import SAMPLE_RATE, load_audio
+from audioclip.image_input import IMAGE_SIZE, crop_to_uint8, normalize_pixels
+from audioclip.model import pad_token_ids
+from audioclip.tokenizer import tokenize_to_ids
+
+logger = logging.getLogger("ray.serve")
+Request = tuple[Sequence[Any], dict[str, Any]]
+
+
+def count_items(requests: list) -> int:
+    """``batch_size_fn``: a batch's size is its number of items. It must never raise (a Serve bug
+    then hangs the batch loop), so anything odd counts as one item."""
+    total = 0
+    for request in requests:
+        try:
+            total += max(1, len(request[0]))
+        except Exception:
+            total += 1
+    return total
+
+
+def memory_mib() -> dict[str, float]:
+    """This process's RSS, PSS and private memory from /proc (Linux), in MiB."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Shared_Dirty"):
+                    out[name.lower()] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def mapping_of(address: int) -> dict[str, Any]:
+    """The memory mapping holding ``address`` (from /proc/self/smaps): its file and how much of it
+    is resident, proportional (PSS) and shared, in MiB. Weights in Ray's object store show a
+    shared file mapping; a private copy would show anonymous private memory."""
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, Any] | None = None
+    for line in lines:
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:
+            if found is not None:
+                break
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            if lo <= address < hi:
+                found = {"path": head[5] if len(head) > 5 else "[anonymous]", "size_mib": (hi - lo) / 2**20}
+        elif found is not None and head and head[0].rstrip(":") in ("Rss", "Pss", "Shared_Clean", "Shared_Dirty"):
+            found[head[0].rstrip(":").lower() + "_mib"] = int(head[1]) / 1024
+    return found or {}
+
+
+class TowerBase:
+    """Loads its tower from the weight store, warms up, and batches ``embed`` calls."""
+
+    tower: str = ""
+
+    async def __init__(self, store: DeploymentHandle, settings: dict, model_options: dict) -> None:
+        started = time.perf_counter()
+        self.settings = settings
+        num_gpus = float(settings.get("num_gpus", 0))
+        self.device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(int(settings["torch_threads"]))
+        [ref] = await store.get.remote(self.tower)
+        state = await ref
+        self.model = await asyncio.to_thread(
+            AudioCLIP.from_state_dict,
+            state,
+            self.device,
+            (self.tower,),
+            dtype=settings.get("dtype"),
+            audio_norm=model_options.get("audio_norm", "running"),
+        )
+        self.model_options = model_options
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
+        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
+        self._internal_failures = 0
+        self.reconfigure(settings)
+        await self.embed(self.warmup_items(), {})
+        self._batch_sizes.clear()
+        self.load_seconds = time.perf_counter() - started
+        logger.info("%s tower ready on %s in %.1f s", self.tower, self.device, self.load_seconds)
+
+    # ------------------------------------------------------------------ serve hooks
+    def reconfigure(self, config: dict) -> None:
+        """``user_config``: batch size and wait change live, without a restart."""
+        if "max_batch_size" in config:
+            self._embed_batch.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self._embed_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    def check_health(self) -> None:
+        if self._internal_failures >= 3:
+            raise RuntimeError(f"{self._internal_failures} forward passes failed in a row")
+        if self.device == "cuda":
+            torch.cuda.synchronize()  # raises if the device is lost
+
+    # ------------------------------------------------------------------ public methods
+    async def embed(self, items: Sequence[Any], options: dict | None = None) -> np.ndarray:
+        """Embed one request's items: ``[len(items), 1024]`` float32, unnormalised."""
+        if len(items) == 0:
+            return np.zeros((0, self.model.config.embed_dim), dtype=np.float32)
+        result = await self._embed_batch((items, options or {}))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def ready(self) -> bool:
+        return True
+
+    def describe(self) -> dict:
+        return {
+            "tower": self.tower,
+            "device": self.device,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads(),
+            "load_seconds": round(self.load_seconds, 3),
+            "pid": os.getpid(),
+            "max_batch_size": self._embed_batch._get_max_batch_size(),
+            "batch_wait_timeout_s": self._embed_batch._get_batch_wait_timeout_s(),
+        }
+
+    def stats(self) -> dict:
+        """Batch sizes formed so far and this replica's memory, for tests and benchmarks."""
+        largest = max(self.model.parameters(), key=lambda p: p.numel())
+        return {
+            "batch_sizes": list(self._batch_sizes),
+            "memory_mib": memory_mib(),
+            "weights_mapping": mapping_of(largest.data_ptr()),
+            "pid": os.getpid(),
+        }
+
+    # ------------------------------------------------------------------ batching
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_items)
+    async def _embed_batch(self, requests: list[Request]) -> list[np.ndarray | Exception]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run_batch, requests)
+
+    def _run_batch(self, requests: list[Request]) -> list[np.ndarray | Exception]:
+        prepared: list[list | Exception] = []
+        for items, options in requests:
+            try:
+                prepared.append(self.prepare(items, options))
+            except InvalidInputError as err:
+                prepared.append(err)
+        good = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
+        results: list[np.ndarray | Exception] = list(prepared)  # errors stay in their slots
+        if not good:
+            return results
+        try:
+            outputs = self._forward_requests([prepared[i] for i in good])
+            self._internal_failures = 0
+        except Exception:
+            logger.exception("%s batch forward failed; retrying requests one by one", self.tower)
+            outputs = []
+            for i in good:
+                try:
+                    outputs.extend(self._forward_requests([prepared[i]]))
+                    self._internal_failures = 0
+                except Exception as err:
+                    self._internal_failures += 1
+                    outputs.append(RuntimeError(f"{self.tower} forward failed: {type(err).__name__}"))
+        for i, out in zip(good, outputs, strict=True):
+            results[i] = out
+        return results
+
+    def _forward_requests(self, requests: list[list]) -> list[np.ndarray]:
+        flat = [item for items in requests for item in items]
+        self._batch_sizes.append(len(flat))
+        embeddings = self.forward(flat)
+        out, start = [], 0
+        for items in requests:
+            out.append(embeddings[start : start + len(items)])
+            start += len(items)
+        return out
+
+    # ------------------------------------------------------------------ per tower
+    def prepare(self, items: Sequence[Any], options: dict) -> list:
+        """Validate and convert one request's items; raise ``InvalidInputError`` naming the item."""
+        raise NotImplementedError
+
+    def forward(self, items: list) -> np.ndarray:
+        raise NotImplementedError
+
+    def warmup_items(self) -> list:
+        raise NotImplementedError
+
+
+def _indexed(index: int, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except InvalidInputError as err:
+        raise err.at_index(index) from None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class ImageEncoder(TowerBase):
+    """Items: 224x224x3 uint8 crops (what the router sends), float32 [3,224,224] CLIP-normalised
+    pixels, or anything ``crop_to_uint8`` accepts (encoded bytes, HWC arrays)."""
+
+    tower = "image"
+
+    def prepare(self, items: Sequence[Any], options: dict) -> list:
+        return [_indexed(i, self._prepare_one, item) for i, item in enumerate(items)]
+
+    def _prepare_one(self, item: Any) -> np.ndarray:
+        if (
+            isinstance(item, np.ndarray)
+            and item.dtype == np.float32
+            and item.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        ):
+            if not np.isfinite(item).all():
+                raise InvalidInputError("pixels contain NaN or inf", reason="not_finite")
+            return item
+        if (
+            isinstance(item, np.ndarray)
+            and item.dtype == np.uint8
+            and item.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        ):
+            return item
+        return crop_to_uint8(item)
+
+    def forward(self, items: list) -> np.ndarray:
+        device = self.model.device
+        crops = [i for i, x in enumerate(items) if x.dtype == np.uint8]
+        pixels = torch.empty(len(items), 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+        if crops:
+            stacked = torch.from_numpy(np.stack([items[i] for i in crops])).to(device)
+            pixels[crops] = normalize_pixels(stacked)
+        floats = [i for i, x in enumerate(items) if x.dtype != np.uint8]
+        if floats:
+            pixels[floats] = torch.from_numpy(np.stack([items[i] for i in floats])).to(device)
+        return self.model.encode_image(pixels).cpu().numpy()
+
+    def warmup_items(self) -> list:
+        return [np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class TextEncoder(TowerBase):
+    """Items: strings. Options: ``truncate``. Pads each batch only to its longest text."""
+
+    tower = "text"
+
+    def prepare(self, items: Sequence[Any], options: dict) -> list:
+        if isinstance(items, str):
+            raise InvalidInputError("texts must be a list of strings, not one string", reason="bad_type")
+        return tokenize_to_ids(
+            list(items), self.model.config.context_length, truncate=bool(options.get("truncate"))
+        )
+
+    def forward(self, items: list) -> np.ndarray:
+        return self.model.encode_tokens(pad_token_ids(items)).cpu().numpy()
+
+    def warmup_items(self) -> list:
+        return ["warm up"]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class AudioEncoder(TowerBase):
+    """Items: float32 [C, N] int16-range clips at 44.1 kHz (what the router sends), encoded bytes,
+    or ``(array, sample_rate)`` pairs. Clips of equal shape share a forward; with
+    ``fixed_clip_seconds`` every clip is centre padded/cropped to that length first."""
+
+    tower = "audio"
+
+    def prepare(self, items: Sequence[Any], options: dict) -> list:
+        return [_indexed(i, self._prepare_one, item) for i, item in enumerate(items)]
+
+    def _prepare_one(self, item: Any) -> np.ndarray:
+        max_seconds = float(self.model_options.get("max_audio_seconds", 300.0))
+        if isinstance(item, tuple) and len(item) == 2:
+            clip = load_audio(item[0], sample_rate=item[1], max_seconds=max_seconds)
+        elif (
+            isinstance(item, np.ndarray)
+            and item.dtype == np.float32
+            and item.ndim == 2
+            and item.shape[0] in (1, 2)
+        ):
+            clip = item
+            if clip.shape[1] == 0:
+                raise InvalidInputError("audio is empty", reason="empty")
+            if not np.isfinite(clip).all():
+                raise InvalidInputError("audio contains NaN or inf", reason="not_finite")
+        else:
+            clip = load_audio(item, max_seconds=max_seconds)
+        fixed = self.model_options.get("fixed_clip_seconds")
+        return fit_length(clip, round(fixed * SAMPLE_RATE)) if fixed else clip
+
+    def forward(self, items: list) -> np.ndarray:
+        out = np.empty((len(items), self.model.config.embed_dim), dtype=np.float32)
+        groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
+        for i, clip in enumerate(items):
+            groups[clip.shape].append(i)
+        for indices in groups.values():
+            batch = torch.from_numpy(np.stack([items[i] for i in indices]))
+            out[indices] = self.model.encode_audio(batch).cpu().numpy()
+        return out
+
+    def warmup_items(self) -> list:
+        return [np.zeros((1, SAMPLE_RATE), dtype=np.float32)]
+
+
+def fit_length(clip: np.ndarray, length: int) -> np.ndarray:
+    """Centre zero-pad or centre crop ``[C, N]`` to ``length`` samples (the reference's test-time rule)."""
+    n = clip.shape[1]
+    if n == length:
+        return clip
+    if n > length:
+        start = (n - length) // 2
+        return clip[:, start : start + length]
+    left = (length - n) // 2
+    return np.pad(clip, ((0, 0), (left, length - n - left)))
+
+
+TOWER_DEPLOYMENTS = {"image": ImageEncoder, "text": TextEncoder, "audio": AudioEncoder}

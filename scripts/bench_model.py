@@ -1,0 +1,434 @@
+"""Time each in-process model optimisation against the naive way, on the same inputs, in one run.
+
+Cases (synthetic-v1 "demo" weights; figures depend on speed, not on weight values):
+
+* text: ``encode_text`` (batch padded to its longest text) vs the reference's fixed 77 positions,
+  for short queries and long sentences; ``encode_tokens(tokenize(...))`` is shown too.
+* audio: the cached FBSP filter bank vs rebuilding it on every call, and channels_last.
+* image: ``inference_mode`` and channels_last vs ``no_grad`` + NCHW, and bf16 with both layouts.
+* threads: the image batch-8 case at 1 thread and at more, to show ``--threads`` is honoured.
+
+Variants of a case run round-robin (order alternating each round) after a warm-up call, so
+background load hits them alike; each runs at least ``--min-iters`` times and until it has used
+``--budget`` seconds. Medians are reported. Progress goes to stderr, the markdown table to stdout.
+
+    PYTHONPATH=. python scripts/bench_model.py [--threads N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from audioclip.model import AudioCLIP  # noqa: E402
+from audioclip.synthetic import synthetic_state_dict  # noqa: E402
+from audioclip.tokenizer import tokenize, tokenize_to_ids  # noqa: E402
+
+SAMPLE_RATE = 44100
+CLIP_SECONDS = 5.0
+
+_SOURCES = (
+    "a dog barking",
+    "church bells ringing",
+    "heavy rain on a tin roof",
+    "a diesel engine idling",
+    "children laughing",
+    "a crackling campfire",
+    "footsteps on gravel",
+    "an old telephone ringing",
+    "waves breaking on rocks",
+    "a cat purring",
+    "a helicopter passing overhead",
+    "glass shattering",
+    "a violin playing a slow melody",
+    "wind through pine trees",
+    "a crowd cheering",
+    "a kettle whistling",
+)
+_PLACES = (
+    "in the distance",
+    "at night",
+    "in a busy street",
+    "inside a small kitchen",
+    "near the sea",
+    "in an empty hall",
+    "during a storm",
+    "in the early morning",
+)
+_DETAILS = (
+    "recorded with a cheap phone microphone",
+    "with a lot of echo from the surrounding walls",
+    "partly drowned out by traffic noise",
+    "close to the microphone and slightly distorted",
+    "fading in and out as the wind changes direction",
+    "with birds singing softly in the background",
+)
+_BACKGROUNDS = (
+    "someone is talking quietly on the phone",
+    "a radio plays old pop songs in another room",
+    "cars keep passing by on the wet road outside",
+    "a clock ticks loudly on the wall nearby",
+)
+
+Fn = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Budget:
+    warmup: int
+    min_iters: int
+    max_iters: int
+    seconds: float
+
+
+@dataclass
+class Row:
+    tower: str
+    case: str
+    batch: int | None
+    threads: int
+    variant: str
+    median_ms: float
+    iters: int
+    items_per_s: float | None = None
+    speedup: float | None = None
+    max_rel_dev: float | None = None
+    min_cos: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def queries(n: int) -> list[str]:
+    """Short search queries, 6-12 tokens with SOT/EOT."""
+    pairs = itertools.islice(itertools.product(_SOURCES, _PLACES), 0, None, 3)
+    return [f"{source} {place}" for source, place in itertools.islice(pairs, n)]
+
+
+def sentences(n: int) -> list[str]:
+    """Caption-like sentences, 38-50 tokens with SOT/EOT."""
+    rng = random.Random(0)
+    return [
+        f"A long field recording of {rng.choice(_SOURCES)} {rng.choice(_PLACES)}, {rng.choice(_DETAILS)}, "
+        f"while {rng.choice(_BACKGROUNDS)} and {rng.choice(_SOURCES)} can be heard {rng.choice(_PLACES)}."
+        for _ in range(n)
+    ]
+
+
+def clips(batch: int, seed: int = 0) -> torch.Tensor:
+    """``[B, 1, 5 s]`` int16-range float audio: noise plus a different tone per clip."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(SAMPLE_RATE * CLIP_SECONDS)) / SAMPLE_RATE
+    freqs = 220.0 * 2.0 ** (torch.arange(batch, dtype=torch.float32) / 4).view(-1, 1)
+    wave = 3000.0 * torch.randn(batch, t.numel(), generator=gen) + 8000.0 * torch.sin(2 * math.pi * freqs * t)
+    return wave.clamp(-32768.0, 32767.0).unsqueeze(1)
+
+
+def pixels(batch: int, seed: int = 0) -> torch.Tensor:
+    """``[B, 3, 224, 224]`` standard-normal pixels, the range of CLIP-normalised images."""
+    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def agreement(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max over rows of ||out - ref|| / ||ref||, min over rows of the cosine) of two embedding batches."""
+    out, ref = out.float(), ref.float()
+    rel = ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+    return float(rel), float(F.cosine_similarity(out, ref, dim=-1).min())
+
+
+def time_variants(variants: Sequence[tuple[str, Fn]], budget: Budget) -> dict[str, tuple[list[float], Fn]]:
+    """Per variant: its call times (s) and first output, round-robin so drifting load hits all alike."""
+    outputs = {}
+    for name, fn in variants:
+        for _ in range(max(budget.warmup, 1)):
+            outputs[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    deadline = time.perf_counter() + budget.seconds * len(variants)
+    for rounds in itertools.count():
+        if rounds >= budget.max_iters or (rounds >= budget.min_iters and time.perf_counter() > deadline):
+            break
+        for name, fn in variants if rounds % 2 == 0 else variants[::-1]:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (times[name], outputs[name]) for name, _ in variants}
+
+
+def bench_case(
+    tower: str, case: str, batch: int | None, variants: Sequence[tuple[str, Fn]], budget: Budget
+) -> list[Row]:
+    """Rows for each variant, with speed-up and agreement against the first (baseline) variant."""
+    log(f"{tower} | {case} | batch {batch} | {', '.join(name for name, _ in variants)}")
+    results = time_variants(variants, budget)
+    base_times, base_out = results[variants[0][0]]
+    base_median = statistics.median(base_times)
+    rows = []
+    for index, (name, (times, out)) in enumerate(results.items()):
+        median = statistics.median(times)
+        row = Row(tower, case, batch, torch.get_num_threads(), name, 1e3 * median, len(times))
+        if batch:
+            row.items_per_s = batch / median
+            row.speedup = base_median / median
+        if index and isinstance(out, torch.Tensor) and out.shape == base_out.shape:
+            row.max_rel_dev, row.min_cos = agreement(out, base_out)
+        log(f"    {name}: {row.median_ms:.1f} ms x{row.iters}" + (f", {row.speedup:.2f}x" if row.speedup else ""))
+        rows.append(row)
+    return rows
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- text
+def encode_tokens_full_context(model: AudioCLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """The reference's way: all 77 positions through the transformer, whatever the texts' lengths."""
+    tower = model.text
+    with torch.inference_mode():
+        x = tower.token_embedding(tokens).to(tower.dtype) + tower.positional_embedding.to(tower.dtype)
+        x = tower.ln_final(tower.transformer(x))
+        x = x[torch.arange(tokens.shape[0]), tokens.argmax(dim=-1)]
+        return (x @ tower.text_projection.to(x.dtype)).float()
+
+
+def bench_text(model: AudioCLIP, batches: Sequence[int], budget: Budget) -> list[Row]:
+    rows = []
+    for kind, make in (("queries", queries), ("sentences", sentences)):
+        for batch in batches:
+            texts = make(batch)
+            lengths = [len(ids) for ids in tokenize_to_ids(texts)]
+            case = f"{kind}, {min(lengths)}-{max(lengths)} tokens"
+            variants = [
+                ("fixed 77 positions (naive)", lambda t=texts: encode_tokens_full_context(model, tokenize(t))),
+                ("encode_tokens(tokenize(...))", lambda t=texts: model.encode_tokens(tokenize(t))),
+                ("encode_text (pad to longest)", lambda t=texts: model.encode_text(t)),
+            ]
+            rows += bench_case("text", case, batch, variants, budget)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- audio
+def encode_audio_rebuilding_fbsp(model: AudioCLIP, wave: torch.Tensor) -> torch.Tensor:
+    """The reference's way: the FBSP filter bank is rebuilt inside every forward call."""
+    fbsp = model.audio.fbsp
+    fbsp.cached_weights = fbsp.complex_weights  # the instance attribute shadows the caching method
+    try:
+        return model.encode_audio(wave)
+    finally:
+        del fbsp.cached_weights
+
+
+def bench_audio(model: AudioCLIP, model_cl: AudioCLIP, batches: Sequence[int], budget: Budget) -> list[Row]:
+    fbsp = model.audio.fbsp
+    rows = bench_case(
+        "audio",
+        "FBSP filter bank alone",
+        None,
+        [("complex_weights() build", fbsp.complex_weights), ("cached_weights() lookup", fbsp.cached_weights)],
+        budget,
+    )
+    for batch in batches:
+        wave = clips(batch)
+        variants = [
+            ("filter bank rebuilt per call (naive)", lambda w=wave: encode_audio_rebuilding_fbsp(model, w)),
+            ("cached filter bank", lambda w=wave: model.encode_audio(w)),
+            ("cached + channels_last", lambda w=wave: model_cl.encode_audio(w)),
+        ]
+        rows += bench_case("audio", f"{CLIP_SECONDS:g} s mono clips", batch, variants, budget)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- image
+def no_grad_visual(model: AudioCLIP, x: torch.Tensor) -> torch.Tensor:
+    """The naive way: autograd's no_grad (not inference_mode), NCHW weights and input."""
+    with torch.no_grad():
+        return model.visual(x).float()
+
+
+def bench_image(
+    models: dict[str, AudioCLIP], batches: Sequence[int], bf16_batches: Sequence[int], budget: Budget
+) -> list[Row]:
+    rows = []
+    for batch in batches:
+        x = pixels(batch)
+        variants: list[tuple[str, Fn]] = [
+            ("no_grad + NCHW (naive)", lambda x=x: no_grad_visual(models["fp32"], x)),
+            ("inference_mode + NCHW", lambda x=x: models["fp32"].encode_image(x)),
+            ("inference_mode + channels_last", lambda x=x: models["fp32_cl"].encode_image(x)),
+        ]
+        if batch in bf16_batches:
+            variants += [
+                ("bf16 + NCHW", lambda x=x: models["bf16"].encode_image(x)),
+                ("bf16 + channels_last", lambda x=x: models["bf16_cl"].encode_image(x)),
+            ]
+        rows += bench_case("image", "224 px, random normalised", batch, variants, budget)
+    return rows
+
+
+def bench_threads(model: AudioCLIP, counts: Sequence[int], budget: Budget) -> list[Row]:
+    """The image batch-8 case (library default path) at each thread count; baseline is the first."""
+    x = pixels(8)
+    before = torch.get_num_threads()
+    rows = []
+    for count in counts:
+        torch.set_num_threads(count)
+        log(f"threads: set {count}, torch reports {torch.get_num_threads()}")
+        row = bench_case("threads", "image 224 px", 8, [("inference_mode + NCHW", lambda: model.encode_image(x))], budget)
+        row[0].variant = f"{torch.get_num_threads()} thread(s)"
+        rows += row
+    torch.set_num_threads(before)
+    base = rows[0].median_ms
+    for row in rows:
+        row.speedup = base / row.median_ms
+    return rows
+
+
+def bf16_accuracy(fp32: AudioCLIP, bf16: AudioCLIP, batch: int) -> dict[str, float]:
+    """bf16 vs fp32 image embeddings on ``batch`` fresh images (untimed)."""
+    log(f"bf16 accuracy check on {batch} images")
+    x = pixels(batch, seed=1)
+    rel, cos = agreement(bf16.encode_image(x), fp32.encode_image(x))
+    return {"images": batch, "max_rel_dev": rel, "min_cos": cos}
+
+
+def channels_last_copy(model: AudioCLIP, tower: str) -> dict[str, float]:
+    """Switch ``model`` to channels_last; MiB of its tower's conv weights that got copied, of the total."""
+    module = getattr(model, tower)
+    convs = {name: p for name, p in module.named_parameters() if p.ndim == 4}
+    before = {name: p.data_ptr() for name, p in convs.items()}
+    model.use_channels_last(True)
+    after = {name: p for name, p in module.named_parameters() if p.ndim == 4}
+    copied = sum(p.nbytes for name, p in after.items() if p.data_ptr() != before[name])
+    return {"copied_mib": copied / 2**20, "conv_mib": sum(p.nbytes for p in convs.values()) / 2**20}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| tower | case | batch | threads | variant | median ms/call | items/s | speed-up | max rel dev | min cos |",
+        "|---|---|--:|--:|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        cells = [
+            r.tower,
+            r.case,
+            _fmt(r.batch, "d"),
+            str(r.threads),
+            r.variant,
+            _fmt(r.median_ms, ".3g" if r.median_ms < 1 else ".1f"),
+            _fmt(r.items_per_s, ".3g"),
+            _fmt(r.speedup, ".2f", "x"),
+            _fmt(r.max_rel_dev, ".1e"),
+            _fmt(r.min_cos, ".6f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    p.add_argument("--budget", type=float, default=3.0, help="seconds per variant and case (default 3)")
+    p.add_argument("--min-iters", type=int, default=3, help="timed calls per variant at least (default 3)")
+    p.add_argument("--max-iters", type=int, default=200, help="timed calls per variant at most")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first (default 1)")
+    p.add_argument("--text-batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--audio-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--image-batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument(
+        "--bf16-batches", type=int, nargs="*", default=[1], help="image batches also run in bf16 (default 1)"
+    )
+    p.add_argument("--bf16-check", type=int, default=8, help="images for the bf16 accuracy check (0: skip)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    return p.parse_args(argv)
+
+
+def build_models(state_dict: dict) -> dict[str, AudioCLIP]:
+    def build(towers: tuple[str, ...], dtype: str | None = None) -> AudioCLIP:
+        return AudioCLIP.from_state_dict(state_dict, device="cpu", towers=towers, dtype=dtype)
+
+    return {
+        "text": build(("text",)),
+        "fp32": build(("image",)),
+        "fp32_cl": build(("image",)),
+        "bf16": build(("image",), "bf16"),
+        "bf16_cl": build(("image",), "bf16"),
+        "audio": build(("audio",)),
+        "audio_cl": build(("audio",)),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    budget = Budget(args.warmup, args.min_iters, args.max_iters, args.budget)
+    info = machine() | {"threads": torch.get_num_threads(), "load_before": os.getloadavg()}
+    log(f"machine: {info}")
+    started = time.perf_counter()
+    models = build_models(synthetic_state_dict("demo"))
+    copies = {
+        "image": channels_last_copy(models["fp32_cl"], "visual"),
+        "audio": channels_last_copy(models["audio_cl"], "audio"),
+    }
+    models["bf16_cl"].use_channels_last(True)
+
+    rows = bench_text(models["text"], args.text_batches, budget)
+    rows += bench_audio(models["audio"], models["audio_cl"], args.audio_batches, budget)
+    rows += bench_image(models, args.image_batches, args.bf16_batches, budget)
+    rows += bench_threads(models["fp32"], sorted({1, 2, args.threads}), budget)
+    bf16 = bf16_accuracy(models["fp32"], models["bf16_cl"], args.bf16_check) if args.bf16_check else None
+    info |= {"load_after": os.getloadavg(), "wall_s": time.perf_counter() - started}
+
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['cpu_capability']}), "
+          f"threads {info['threads']}, load avg before/after {info['load_before'][0]:.2f}/"
+          f"{info['load_after'][0]:.2f}, wall {info['wall_s']:.0f} s\n")
+    print(markdown_table(rows))
+    for tower, c in copies.items():
+        print(f"\nchannels_last, {tower}: copied {c['copied_mib']:.1f} MiB of {c['conv_mib']:.1f} MiB conv weights")
+    if bf16:
+        print(f"bf16 vs fp32, {bf16['images']} images: max rel dev {bf16['max_rel_dev']:.2e}, "
+              f"min cos {bf16['min_cos']:.6f}")
+    if args.json:
+        payload = {"machine": info, "args": vars(args) | {"json": str(args.json)}, "rows": [asdict(r) for r in rows],
+                   "channels_last_copy": copies, "bf16_accuracy": bf16}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The served application on a real local Ray cluster, over real HTTP and real handles.
+
+Served embeddings are compared with the in-process model on the same synthetic weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import soundfile as sf
+import torch
+from conftest import INPUTS, row_cosines
+from PIL import Image
+from ray import serve
+from serve_support import TEST_ARGS, free_port, wait_ready
+
+import audioclip
+from deployments.app import build_app
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="audioclip-tests")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    started = time.monotonic()
+    serve.run(build_app(TEST_ARGS), name="audioclip", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    print(f"\napp ready {time.monotonic() - started:.1f} s after serve.run")
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    with httpx.Client(base_url=app_url, timeout=120) as c:
+        yield c
+
+
+def _embeddings(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["dim"] == 1024 and body["model"] == "audioclip-test"
+    return np.asarray(body["embeddings"], dtype=np.float32)
+
+
+def _assert_same(served: np.ndarray, local: torch.Tensor | np.ndarray, min_cos: float) -> None:
+    local = np.asarray(local)
+    assert served.shape == local.shape
+    assert row_cosines(served, local).min() >= min_cos
+
+
+# ---------------------------------------------------------------------------- parity
+def test_text_over_http_equals_the_model(client, model):
+    texts = ["a photo of an astronaut", "dog", "", "The sound of a Thunderstorm &amp; heavy RAIN!!"]
+    served = _embeddings(client.post("/v1/embed/text", json={"texts": texts}))
+    _assert_same(served, model.encode_text(texts), 0.99999)
+    normalized = _embeddings(client.post("/v1/embed/text", json={"texts": texts, "normalize": True}))
+    assert np.allclose(np.linalg.norm(normalized, axis=1), 1.0, atol=1e-5)
+
+
+def test_npy_response(client, model):
+    r = client.post("/v1/embed/text", json={"texts": ["a dog"]}, headers={"accept": "application/x-npy"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
+    array = np.load(io.BytesIO(r.content))
+    assert array.dtype == np.float32 and array.shape == (1, 1024)
+    _assert_same(array, model.encode_text(["a dog"]), 0.99999)
+
+
+def test_empty_list_gives_empty_result(client):
+    for path, field in (("/v1/embed/text", "texts"), ("/v1/embed/image", "images"), ("/v1/embed/audio", "audio")):
+        r = client.post(path, json={field: []})
+        assert r.status_code == 200 and r.json()["embeddings"] == [], path
+
+
+@pytest.mark.parametrize("name", ["rocket.jpg", "coffee.png"])
+def test_image_raw_body_equals_the_model(client, model, name):
+    data = (INPUTS / name).read_bytes()
+    kind = "image/jpeg" if name.endswith("jpg") else "image/png"
+    served = _embeddings(client.post("/v1/embed/image", content=data, headers={"content-type": kind}))
+    _assert_same(served, model.encode_image(audioclip.preprocess_image(data)[None]), 0.99999)
+
+
+def test_image_json_multipart_and_npy(client, model):
+    files = [(INPUTS / n).read_bytes() for n in ("rocket.jpg", "coffee.png")]
+    local = model.encode_image(torch.stack([audioclip.preprocess_image(f) for f in files]))
+    as_b64 = [base64.b64encode(files[0]).decode(), "data:image/png;base64," + base64.b64encode(files[1]).decode()]
+    _assert_same(_embeddings(client.post("/v1/embed/image", json={"images": as_b64})), local, 0.99999)
+    multipart = [("file", ("a.jpg", files[0], "image/jpeg")), ("file", ("b.png", files[1], "image/png"))]
+    _assert_same(_embeddings(client.post("/v1/embed/image", files=multipart)), local, 0.99999)
+    pixels = np.asarray(Image.open(io.BytesIO(files[0])).convert("RGB"))
+    buf = io.BytesIO()
+    np.save(buf, pixels)
+    served = _embeddings(
+        client.post("/v1/embed/image", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+    )
+    _assert_same(served, local[:1], 0.99999)
+
+
+def test_image_preprocess_false_takes_normalised_pixels(client, model, golden):
+    buf = io.BytesIO()
+    np.save(buf, golden["image_input"])
+    r = client.post(
+        "/v1/embed/image?preprocess=false", content=buf.getvalue(), headers={"content-type": "application/x-npy"}
+    )
+    _assert_same(_embeddings(r), model.encode_image(torch.from_numpy(golden["image_input"])), 0.99999)
+
+
+@pytest.mark.parametrize("name", ["speech_dog_44k.wav", "speech_rain_22k.wav", "noise_stereo_44k.wav"])
+def test_audio_equals_the_model(client, model, name):
+    data = (INPUTS / name).read_bytes()
+    served = _embeddings(client.post("/v1/embed/audio", content=data, headers={"content-type": "audio/wav"}))
+    local = model.encode_audio(torch.from_numpy(audioclip.load_audio(data))[None])
+    _assert_same(served, local, 0.9999)
+
+
+def test_audio_json_and_npy(client, model):
+    data = (INPUTS / "chord_44k.wav").read_bytes()
+    local = model.encode_audio(torch.from_numpy(audioclip.load_audio(data))[None])
+    served = _embeddings(client.post("/v1/embed/audio", json={"audio": [base64.b64encode(data).decode()]}))
+    _assert_same(served, local, 0.9999)
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    buf = io.BytesIO()
+    np.save(buf, samples.T.copy())
+    r = client.post(
+        f"/v1/embed/audio?sample_rate={rate}", content=buf.getvalue(), headers={"content-type": "application/x-npy"}
+    )
+    _assert_same(_embeddings(r), local, 0.9999)
+
+
+# ---------------------------------------------------------------------------- handles
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Caller:
+    """Another team's deployment, in its own application, using ours through an app handle."""
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        return await serve.get_app_handle("audioclip").embed_text.remote(texts)
+
+    async def bad_text(self) -> dict:
+        try:
+            await serve.get_app_handle("audioclip").embed_text.remote(["fine", "word " * 100])
+        except audioclip.InvalidInputError as err:
+            return {"type": type(err).__name__, "index": err.index, "reason": err.reason}
+        return {}
+
+
+def test_handle_from_another_application(app_url, model):
+    caller = serve.run(Caller.bind(), name="caller", route_prefix=None)
+    texts = ["a cat", "an engine starting"]
+    served = caller.remote(texts).result(timeout_s=120)
+    assert isinstance(served, np.ndarray) and served.dtype == np.float32
+    _assert_same(served, model.encode_text(texts), 0.99999)
+    error = caller.bad_text.remote().result(timeout_s=120)
+    assert error["index"] == 1 and error["reason"] == "text_too_long"
+    serve.delete("caller")
+
+
+def test_handle_api_for_images_and_audio(app_url, model):
+    handle = serve.get_app_handle("audioclip")
+    image = (INPUTS / "rocket.jpg").read_bytes()
+    served = handle.embed_image.remote([image]).result(timeout_s=120)
+    _assert_same(served, model.encode_image(audioclip.preprocess_image(image)[None]), 0.99999)
+    samples, rate = sf.read(INPUTS / "sweep_48k.wav", dtype="float32", always_2d=True)
+    served = handle.embed_audio.remote([(samples.T.copy(), rate)]).result(timeout_s=120)
+    local = model.encode_audio(torch.from_numpy(audioclip.load_audio(samples.T.copy(), rate))[None])
+    _assert_same(served, local, 0.9999)
+    tower = serve.get_deployment_handle("TextEncoder", "audioclip")
+    direct = tower.embed.remote(["a cat"], {}).result(timeout_s=120)
+    _assert_same(direct, model.encode_text(["a cat"]), 0.99999)
+
+
+# ---------------------------------------------------------------------------- batching
+def test_concurrent_requests_batch_and_stay_isolated(app_url, model):
+    texts = [f"request number {i} about a {w}" for i, w in enumerate(["dog", "cat", "car", "bird"] * 8)]
+    texts[13] = "word " * 100  # too long: must fail alone
+    tower = serve.get_deployment_handle("TextEncoder", "audioclip")
+    before = len(tower.stats.remote().result(timeout_s=60)["batch_sizes"])
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=app_url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/embed/text", json={"texts": [t]}) for t in texts))
+
+    responses = asyncio.run(run())
+    good = [i for i in range(32) if i != 13]
+    local = model.encode_text([texts[i] for i in good]).numpy()
+    for row, i in enumerate(good):
+        served = _embeddings(responses[i])
+        assert row_cosines(served, local[row : row + 1]).min() >= 0.99999, f"request {i} got another embedding"
+    bad = responses[13]
+    assert bad.status_code == 422 and bad.json()["error"]["type"] == "text_too_long"
+    sizes = tower.stats.remote().result(timeout_s=60)["batch_sizes"][before:]
+    print(f"\nbatch sizes formed for 32 concurrent requests: {sizes}")
+    assert sum(sizes) >= 31 and max(sizes) > 1, sizes
+
+
+# ---------------------------------------------------------------------------- errors
+def _error(r: httpx.Response, status: int, index: int | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"type", "message", "index"} and error["index"] == index
+    assert "Traceback" not in error["message"] and "/work" not in error["message"]
+    return error
+
+
+def test_400_malformed_bodies(client):
+    _error(client.post("/v1/embed/text", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    _error(client.post("/v1/embed/text", json={"text": ["typo in field"]}), 400)
+    _error(client.post("/v1/embed/text", json={"texts": "not a list"}), 400)
+    _error(client.post("/v1/embed/text", json={"texts": ["x"], "normalize": "yes"}), 400)
+    _error(client.post("/v1/embed/text", json=[1, 2]), 400)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    _error(client.post("/v1/embed/text", content=deep, headers={"content-type": "application/json"}), 400)
+    _error(client.post("/v1/embed/audio", content=b"\x93NUMPY", headers={"content-type": "application/x-npy"}), 400)
+
+
+def test_413_limits(client):
+    _error(client.post("/v1/embed/text", json={"texts": ["a"] * 65}), 413)
+    _error(client.post("/v1/embed/image", content=b"0" * (9 * 1024 * 1024), headers={"content-type": "image/png"}), 413)
+    big = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(big, format="PNG")  # 25 MP, a few KB on the wire
+    _error(client.post("/v1/embed/image", content=big.getvalue(), headers={"content-type": "image/png"}), 413, 0)
+    long_audio = io.BytesIO()
+    sf.write(long_audio, np.zeros(61 * 8000, dtype=np.int16), 8000, format="FLAC")
+    r = client.post("/v1/embed/audio", content=long_audio.getvalue(), headers={"content-type": "audio/flac"})
+    _error(r, 413, 0)
+
+
+def test_415_and_422(client):
+    _error(client.post("/v1/embed/text", content=b"a dog", headers={"content-type": "text/plain"}), 415)
+    _error(client.post("/v1/embed/image", content=b"x", headers={"content-type": "application/pdf"}), 415)
+    error = _error(client.post("/v1/embed/text", json={"texts": ["ok", "word " * 100]}), 422, 1)
+    assert error["type"] == "text_too_long"
+    truncated = client.post("/v1/embed/text", json={"texts": ["ok", "word " * 100], "truncate": True})
+    assert truncated.status_code == 200
+    png = (INPUTS / "coffee.png").read_bytes()
+    images = [base64.b64encode(png).decode(), base64.b64encode(png[: len(png) // 3]).decode()]
+    assert _error(client.post("/v1/embed/image", json={"images": images}), 422, 1)["type"] == "undecodable"
+    assert _error(client.post("/v1/embed/image", json={"images": ["@@not base64@@"]}), 422, 0)
+    _error(client.post("/v1/embed/image", json={"images": ["https://example.com/cat.jpg"]}), 422, 0)
+    _error(client.post("/v1/embed/audio", content=b"RIFF....WAVEfmt ", headers={"content-type": "audio/wav"}), 422, 0)
+    _error(client.post("/v1/embed/text", json={"texts": ["ok", 7]}), 422, 1)
+
+
+def test_health_readiness_and_models(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    info = client.get("/v1/models").json()
+    assert info["weights"] == "synthetic" and len(info["checkpoint_sha256"]) == 64 and info["dim"] == 1024
+    assert set(info["towers"]) == {"image", "text", "audio"}
+    assert all(t["device"] == "cpu" and t["replicas"] == 1 for t in info["towers"].values())
+    _error(client.get("/v1/nothing-here"), 404)
+
+
+# ---------------------------------------------------------------------------- weights
+def test_replicas_share_weight_memory(app_url):
+    stats = serve.get_deployment_handle("TextEncoder", "audioclip").stats.remote().result(timeout_s=60)
+    mapping = stats["weights_mapping"]
+    print(f"\ntext tower memory: {stats['memory_mib']}, weights mapping: {mapping}")
+    # The token embedding (96 MiB) lives in a shared object-store mapping, not in private memory.
+    assert mapping["shared_clean_mib"] + mapping["shared_dirty_mib"] > 0 or mapping["pss_mib"] < mapping["rss_mib"]
+    assert mapping["path"] != "[anonymous]"
+
+
+def test_killed_tower_replica_reloads_from_the_store(client, model):
+    tower = serve.get_deployment_handle("TextEncoder", "audioclip")
+    old_pid = tower.stats.remote().result(timeout_s=60)["pid"]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "TextEncoder" in a["name"]]
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if tower.stats.remote().result(timeout_s=30)["pid"] != old_pid:
+                break
+        except Exception:  # noqa: BLE001 - the replica is being replaced
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("the killed text tower replica was not replaced")
+    wait = time.monotonic()
+    while client.get("/readyz").status_code != 200 and time.monotonic() - wait < 60:
+        time.sleep(0.5)
+    served = _embeddings(client.post("/v1/embed/text", json={"texts": ["after the restart"]}))
+    _assert_same(served, model.encode_text(["after the restart"]), 0.99999)
