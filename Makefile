@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-model clean
+.PHONY: demo serve test lint bench-model clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m audioclip.cli demo
+	$(BIN)/serve run configs/demo.yaml
+
+serve: $(STAMP)
+	scripts/download_full.sh
+	$(BIN)/serve run configs/cpu.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .

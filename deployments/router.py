@@ -6,6 +6,7 @@ of at most a tower's batch size, and calls the towers through handles.
 """
 
 import asyncio
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Sequence
@@ -92,6 +93,20 @@ class Router:
         self.store = store
         self.tower_handles = towers
         self.pool = ThreadPoolExecutor(self.args.router.decode_threads, thread_name_prefix="decode")
+        self.inflight = 0
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """Admission control: past ``max_inflight`` requests, answer 503 with Retry-After at once
+        instead of queueing without bound (a JSON body, unlike the proxy's own backpressure)."""
+        if self.inflight >= self.args.router.max_inflight:
+            retry = str(self.args.router.retry_after_s)
+            raise Overloaded("the service is at capacity; retry later", headers={"Retry-After": retry})
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     # ------------------------------------------------------------------ handle API
     async def embed_text(
@@ -145,6 +160,10 @@ class Router:
 
     @api.post("/v1/embed/text")
     async def http_embed_text(self, request: Request) -> Response:
+        with self.admitted():
+            return await self._http_embed_text(request)
+
+    async def _http_embed_text(self, request: Request) -> Response:
         if hi.media_type(request) != "application/json":
             raise hi.unsupported("text", hi.media_type(request), ("application/json",))
         body = await hi.read_body(request, self.limits)
@@ -154,6 +173,10 @@ class Router:
 
     @api.post("/v1/embed/image")
     async def http_embed_image(self, request: Request) -> Response:
+        with self.admitted():
+            return await self._http_embed_image(request)
+
+    async def _http_embed_image(self, request: Request) -> Response:
         kind = hi.media_type(request)
         normalize = hi.query_flag(request, "normalize", False)
         if kind == "multipart/form-data":
@@ -180,6 +203,10 @@ class Router:
 
     @api.post("/v1/embed/audio")
     async def http_embed_audio(self, request: Request) -> Response:
+        with self.admitted():
+            return await self._http_embed_audio(request)
+
+    async def _http_embed_audio(self, request: Request) -> Response:
         kind = hi.media_type(request)
         normalize = hi.query_flag(request, "normalize", False)
         if kind == "multipart/form-data":

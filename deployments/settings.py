@@ -49,6 +49,9 @@ class RouterSettings(_Strict):
     num_cpus: float = Field(1.0, ge=0.0)
     decode_threads: int = Field(2, ge=1, description="threads decoding images and audio")
     max_ongoing_requests: int = Field(256, ge=1)
+    max_inflight: int = Field(
+        192, ge=1, description="embed requests in progress per router; over it: 503 JSON"
+    )
     max_queued_requests: int = Field(1024, ge=-1, description="-1: unbounded; over it: 503 + Retry-After")
     retry_after_s: int = Field(1, ge=1)
 

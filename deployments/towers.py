@@ -76,7 +76,11 @@ def mapping_of(address: int) -> dict[str, Any]:
             lo, hi = (int(x, 16) for x in head[0].split("-"))
             if lo <= address < hi:
                 found = {"path": head[5] if len(head) > 5 else "[anonymous]", "size_mib": (hi - lo) / 2**20}
-        elif found is not None and head and head[0].rstrip(":") in ("Rss", "Pss", "Shared_Clean", "Shared_Dirty"):
+        elif (
+            found is not None
+            and head
+            and head[0].rstrip(":") in ("Rss", "Pss", "Shared_Clean", "Shared_Dirty")
+        ):
             found[head[0].rstrip(":").lower() + "_mib"] = int(head[1]) / 1024
     return found or {}
 

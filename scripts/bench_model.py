@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from audioclip.model import AudioCLIP  # noqa: E402
-from audioclip.synthetic import synthetic_state_dict  # noqa: E402
-from audioclip.tokenizer import tokenize, tokenize_to_ids  # noqa: E402
+from audioclip.model import AudioCLIP
+from audioclip.synthetic import synthetic_state_dict
+from audioclip.tokenizer import tokenize, tokenize_to_ids
 
 SAMPLE_RATE = 44100
 CLIP_SECONDS = 5.0
@@ -151,7 +151,9 @@ def agreement(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return float(rel), float(F.cosine_similarity(out, ref, dim=-1).min())
 
 
-def time_variants(variants: Sequence[tuple[str, Fn]], budget: Budget) -> dict[str, tuple[list[float], Fn]]:
+def time_variants(
+    variants: Sequence[tuple[str, Fn]], budget: Budget
+) -> dict[str, tuple[list[float], torch.Tensor]]:
     """Per variant: its call times (s) and first output, round-robin so drifting load hits all alike."""
     outputs = {}
     for name, fn in variants:
@@ -186,7 +188,10 @@ def bench_case(
             row.speedup = base_median / median
         if index and isinstance(out, torch.Tensor) and out.shape == base_out.shape:
             row.max_rel_dev, row.min_cos = agreement(out, base_out)
-        log(f"    {name}: {row.median_ms:.1f} ms x{row.iters}" + (f", {row.speedup:.2f}x" if row.speedup else ""))
+        log(
+            f"    {name}: {row.median_ms:.1f} ms x{row.iters}"
+            + (f", {row.speedup:.2f}x" if row.speedup else "")
+        )
         rows.append(row)
     return rows
 
@@ -214,7 +219,10 @@ def bench_text(model: AudioCLIP, batches: Sequence[int], budget: Budget) -> list
             lengths = [len(ids) for ids in tokenize_to_ids(texts)]
             case = f"{kind}, {min(lengths)}-{max(lengths)} tokens"
             variants = [
-                ("fixed 77 positions (naive)", lambda t=texts: encode_tokens_full_context(model, tokenize(t))),
+                (
+                    "fixed 77 positions (naive)",
+                    lambda t=texts: encode_tokens_full_context(model, tokenize(t)),
+                ),
                 ("encode_tokens(tokenize(...))", lambda t=texts: model.encode_tokens(tokenize(t))),
                 ("encode_text (pad to longest)", lambda t=texts: model.encode_text(t)),
             ]
@@ -288,7 +296,9 @@ def bench_threads(model: AudioCLIP, counts: Sequence[int], budget: Budget) -> li
     for count in counts:
         torch.set_num_threads(count)
         log(f"threads: set {count}, torch reports {torch.get_num_threads()}")
-        row = bench_case("threads", "image 224 px", 8, [("inference_mode + NCHW", lambda: model.encode_image(x))], budget)
+        row = bench_case(
+            "threads", "image 224 px", 8, [("inference_mode + NCHW", lambda: model.encode_image(x))], budget
+        )
         row[0].variant = f"{torch.get_num_threads()} thread(s)"
         rows += row
     torch.set_num_threads(before)
@@ -324,7 +334,8 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| tower | case | batch | threads | variant | median ms/call | items/s | speed-up | max rel dev | min cos |",
+        "| tower | case | batch | threads | variant | median ms/call | items/s | speed-up "
+        "| max rel dev | min cos |",
         "|---|---|--:|--:|---|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
@@ -414,18 +425,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     bf16 = bf16_accuracy(models["fp32"], models["bf16_cl"], args.bf16_check) if args.bf16_check else None
     info |= {"load_after": os.getloadavg(), "wall_s": time.perf_counter() - started}
 
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['cpu_capability']}), "
-          f"threads {info['threads']}, load avg before/after {info['load_before'][0]:.2f}/"
-          f"{info['load_after'][0]:.2f}, wall {info['wall_s']:.0f} s\n")
-    print(markdown_table(rows))
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['cpu_capability']}), "
+        f"threads {info['threads']}, load avg before/after {info['load_before'][0]:.2f}/"
+        f"{info['load_after'][0]:.2f}, wall {info['wall_s']:.0f} s\n"
+    )
+    print(markdown_table(rows) + "\n")
     for tower, c in copies.items():
-        print(f"\nchannels_last, {tower}: copied {c['copied_mib']:.1f} MiB of {c['conv_mib']:.1f} MiB conv weights")
+        print(
+            f"channels_last, {tower}: copied {c['copied_mib']:.1f} MiB "
+            f"of {c['conv_mib']:.1f} MiB conv weights"
+        )
     if bf16:
-        print(f"bf16 vs fp32, {bf16['images']} images: max rel dev {bf16['max_rel_dev']:.2e}, "
-              f"min cos {bf16['min_cos']:.6f}")
+        print(
+            f"bf16 vs fp32, {bf16['images']} images: max rel dev {bf16['max_rel_dev']:.2e}, "
+            f"min cos {bf16['min_cos']:.6f}"
+        )
     if args.json:
-        payload = {"machine": info, "args": vars(args) | {"json": str(args.json)}, "rows": [asdict(r) for r in rows],
-                   "channels_last_copy": copies, "bf16_accuracy": bf16}
+        payload = {
+            "machine": info,
+            "args": vars(args) | {"json": str(args.json)},
+            "rows": [asdict(r) for r in rows],
+            "channels_last_copy": copies,
+            "bf16_accuracy": bf16,
+        }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         log(f"wrote {args.json}")
 

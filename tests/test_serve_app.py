@@ -79,7 +79,11 @@ def test_npy_response(client, model):
 
 
 def test_empty_list_gives_empty_result(client):
-    for path, field in (("/v1/embed/text", "texts"), ("/v1/embed/image", "images"), ("/v1/embed/audio", "audio")):
+    for path, field in (
+        ("/v1/embed/text", "texts"),
+        ("/v1/embed/image", "images"),
+        ("/v1/embed/audio", "audio"),
+    ):
         r = client.post(path, json={field: []})
         assert r.status_code == 200 and r.json()["embeddings"] == [], path
 
@@ -95,7 +99,10 @@ def test_image_raw_body_equals_the_model(client, model, name):
 def test_image_json_multipart_and_npy(client, model):
     files = [(INPUTS / n).read_bytes() for n in ("rocket.jpg", "coffee.png")]
     local = model.encode_image(torch.stack([audioclip.preprocess_image(f) for f in files]))
-    as_b64 = [base64.b64encode(files[0]).decode(), "data:image/png;base64," + base64.b64encode(files[1]).decode()]
+    as_b64 = [
+        base64.b64encode(files[0]).decode(),
+        "data:image/png;base64," + base64.b64encode(files[1]).decode(),
+    ]
     _assert_same(_embeddings(client.post("/v1/embed/image", json={"images": as_b64})), local, 0.99999)
     multipart = [("file", ("a.jpg", files[0], "image/jpeg")), ("file", ("b.png", files[1], "image/png"))]
     _assert_same(_embeddings(client.post("/v1/embed/image", files=multipart)), local, 0.99999)
@@ -112,7 +119,9 @@ def test_image_preprocess_false_takes_normalised_pixels(client, model, golden):
     buf = io.BytesIO()
     np.save(buf, golden["image_input"])
     r = client.post(
-        "/v1/embed/image?preprocess=false", content=buf.getvalue(), headers={"content-type": "application/x-npy"}
+        "/v1/embed/image?preprocess=false",
+        content=buf.getvalue(),
+        headers={"content-type": "application/x-npy"},
     )
     _assert_same(_embeddings(r), model.encode_image(torch.from_numpy(golden["image_input"])), 0.99999)
 
@@ -134,7 +143,9 @@ def test_audio_json_and_npy(client, model):
     buf = io.BytesIO()
     np.save(buf, samples.T.copy())
     r = client.post(
-        f"/v1/embed/audio?sample_rate={rate}", content=buf.getvalue(), headers={"content-type": "application/x-npy"}
+        f"/v1/embed/audio?sample_rate={rate}",
+        content=buf.getvalue(),
+        headers={"content-type": "application/x-npy"},
     )
     _assert_same(_embeddings(r), local, 0.9999)
 
@@ -196,7 +207,9 @@ def test_concurrent_requests_batch_and_stay_isolated(app_url, model):
     local = model.encode_text([texts[i] for i in good]).numpy()
     for row, i in enumerate(good):
         served = _embeddings(responses[i])
-        assert row_cosines(served, local[row : row + 1]).min() >= 0.99999, f"request {i} got another embedding"
+        assert row_cosines(served, local[row : row + 1]).min() >= 0.99999, (
+            f"request {i} got another embedding"
+        )
     bad = responses[13]
     assert bad.status_code == 422 and bad.json()["error"]["type"] == "text_too_long"
     sizes = tower.stats.remote().result(timeout_s=60)["batch_sizes"][before:]
@@ -214,22 +227,34 @@ def _error(r: httpx.Response, status: int, index: int | None = None) -> dict:
 
 
 def test_400_malformed_bodies(client):
-    _error(client.post("/v1/embed/text", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    _error(
+        client.post("/v1/embed/text", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
     _error(client.post("/v1/embed/text", json={"text": ["typo in field"]}), 400)
     _error(client.post("/v1/embed/text", json={"texts": "not a list"}), 400)
     _error(client.post("/v1/embed/text", json={"texts": ["x"], "normalize": "yes"}), 400)
     _error(client.post("/v1/embed/text", json=[1, 2]), 400)
     deep = b"[" * 100_000 + b"]" * 100_000
     _error(client.post("/v1/embed/text", content=deep, headers={"content-type": "application/json"}), 400)
-    _error(client.post("/v1/embed/audio", content=b"\x93NUMPY", headers={"content-type": "application/x-npy"}), 400)
+    _error(
+        client.post("/v1/embed/audio", content=b"\x93NUMPY", headers={"content-type": "application/x-npy"}),
+        400,
+    )
 
 
 def test_413_limits(client):
     _error(client.post("/v1/embed/text", json={"texts": ["a"] * 65}), 413)
-    _error(client.post("/v1/embed/image", content=b"0" * (9 * 1024 * 1024), headers={"content-type": "image/png"}), 413)
+    _error(
+        client.post(
+            "/v1/embed/image", content=b"0" * (9 * 1024 * 1024), headers={"content-type": "image/png"}
+        ),
+        413,
+    )
     big = io.BytesIO()
     Image.new("L", (5000, 5000)).save(big, format="PNG")  # 25 MP, a few KB on the wire
-    _error(client.post("/v1/embed/image", content=big.getvalue(), headers={"content-type": "image/png"}), 413, 0)
+    _error(
+        client.post("/v1/embed/image", content=big.getvalue(), headers={"content-type": "image/png"}), 413, 0
+    )
     long_audio = io.BytesIO()
     sf.write(long_audio, np.zeros(61 * 8000, dtype=np.int16), 8000, format="FLAC")
     r = client.post("/v1/embed/audio", content=long_audio.getvalue(), headers={"content-type": "audio/flac"})
@@ -248,7 +273,11 @@ def test_415_and_422(client):
     assert _error(client.post("/v1/embed/image", json={"images": images}), 422, 1)["type"] == "undecodable"
     assert _error(client.post("/v1/embed/image", json={"images": ["@@not base64@@"]}), 422, 0)
     _error(client.post("/v1/embed/image", json={"images": ["https://example.com/cat.jpg"]}), 422, 0)
-    _error(client.post("/v1/embed/audio", content=b"RIFF....WAVEfmt ", headers={"content-type": "audio/wav"}), 422, 0)
+    _error(
+        client.post("/v1/embed/audio", content=b"RIFF....WAVEfmt ", headers={"content-type": "audio/wav"}),
+        422,
+        0,
+    )
     _error(client.post("/v1/embed/text", json={"texts": ["ok", 7]}), 422, 1)
 
 
@@ -268,7 +297,10 @@ def test_replicas_share_weight_memory(app_url):
     mapping = stats["weights_mapping"]
     print(f"\ntext tower memory: {stats['memory_mib']}, weights mapping: {mapping}")
     # The token embedding (96 MiB) lives in a shared object-store mapping, not in private memory.
-    assert mapping["shared_clean_mib"] + mapping["shared_dirty_mib"] > 0 or mapping["pss_mib"] < mapping["rss_mib"]
+    assert (
+        mapping["shared_clean_mib"] + mapping["shared_dirty_mib"] > 0
+        or mapping["pss_mib"] < mapping["rss_mib"]
+    )
     assert mapping["path"] != "[anonymous]"
 
 
@@ -292,3 +324,32 @@ def test_killed_tower_replica_reloads_from_the_store(client, model):
         time.sleep(0.5)
     served = _embeddings(client.post("/v1/embed/text", json={"texts": ["after the restart"]}))
     _assert_same(served, model.encode_text(["after the restart"]), 0.99999)
+
+
+# ---------------------------------------------------------------------------- overload
+def test_overload_gets_503_with_retry_after_and_recovers(app_url):
+    args = {
+        **TEST_ARGS,
+        "model_name": "audioclip-overload",
+        "towers": ["text"],
+        "text": {"num_cpus": 0, "max_batch_size": 4, "batch_wait_timeout_s": 0.5},
+        "router": {"num_cpus": 0, "max_inflight": 2},
+    }
+    serve.run(build_app(args), name="overload", route_prefix="/overload")
+    wait_ready(f"{app_url}/overload")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=app_url, timeout=120) as c:
+            calls = [c.post("/overload/v1/embed/text", json={"texts": [f"text {i}"]}) for i in range(16)]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    print(f"\nstatuses of a 16-request burst at max_inflight=2: {statuses}")
+    rejected = [r for r in responses if r.status_code == 503]
+    assert rejected and all(r.status_code in (200, 503) for r in responses), statuses
+    for r in rejected:
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
+    after = httpx.post(f"{app_url}/overload/v1/embed/text", json={"texts": ["calm again"]}, timeout=60)
+    assert after.status_code == 200
+    serve.delete("overload")
