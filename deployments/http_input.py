@@ -107,7 +107,7 @@ async def multipart_files(request: Request, limits: Limits) -> list[bytes]:
     """The files of a multipart/form-data body, in order."""
     try:
         form = await request.form(max_files=limits.max_items, max_fields=limits.max_items)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - starlette raises several types for a bad form
         raise BadRequest(f"malformed multipart body: {type(err).__name__}") from None
     files = []
     for _, value in form.multi_items():
@@ -122,7 +122,7 @@ async def multipart_files(request: Request, limits: Limits) -> list[bytes]:
 def load_npy(body: bytes) -> np.ndarray:
     try:
         return np.load(io.BytesIO(body), allow_pickle=False)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - numpy raises ValueError, EOFError, OSError...
         raise BadRequest(f"body is not a valid .npy array: {type(err).__name__}") from None
 
 

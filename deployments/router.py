@@ -137,7 +137,7 @@ class Router:
             await asyncio.wait_for(
                 asyncio.gather(*(h.ready.remote() for h in self.tower_handles.values())), timeout=5.0
             )
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any failure means not ready
             body = {"status": "not_ready", "reason": type(err).__name__}
             return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ready", "towers": list(self.tower_handles)})
