@@ -326,6 +326,21 @@ def test_killed_tower_replica_reloads_from_the_store(client, model):
     _assert_same(served, model.encode_text(["after the restart"]), 0.99999)
 
 
+# ---------------------------------------------------------------------------- live config
+def test_batch_settings_change_live_without_restart(app_url):
+    tower = serve.get_deployment_handle("AudioEncoder", "audioclip")
+    before = tower.describe.remote().result(timeout_s=60)
+    args = {**TEST_ARGS, "audio": {**TEST_ARGS["audio"], "max_batch_size": 3, "batch_wait_timeout_s": 0.07}}
+    serve.run(build_app(args), name="audioclip", route_prefix="/")
+    after = tower.describe.remote().result(timeout_s=60)
+    assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (3, 0.07)
+    assert after["pid"] == before["pid"], "a user_config change must not restart the replica"
+    serve.run(build_app(TEST_ARGS), name="audioclip", route_prefix="/")
+    assert (
+        tower.describe.remote().result(timeout_s=60)["max_batch_size"] == TEST_ARGS["audio"]["max_batch_size"]
+    )
+
+
 # ---------------------------------------------------------------------------- overload
 def test_overload_gets_503_with_retry_after_and_recovers(app_url):
     args = {
