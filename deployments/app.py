@@ -38,7 +38,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 "batch_wait_timeout_s": tower.batch_wait_timeout_s,
             },
         )
-        tower_args = {**tower.model_dump(), "torch_threads": tower.torch_threads}
+        # Only what needs a restart goes to the constructor; batching changes live via user_config.
+        tower_args = {"num_gpus": tower.num_gpus, "dtype": tower.dtype, "torch_threads": tower.torch_threads}
         towers[name] = deployment.bind(store, tower_args, model_options)
     router = settings.router
     return Router.options(

@@ -28,6 +28,10 @@ class BadRequest(ServiceError):
     status, type = 400, "bad_request"
 
 
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+
 class PayloadTooLarge(ServiceError):
     status, type = 413, "payload_too_large"
 

@@ -7,8 +7,11 @@ of at most a tower's batch size, and calls the towers through handles.
 
 import asyncio
 import contextlib
+import hmac
 import io
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,17 +28,20 @@ from starlette.responses import JSONResponse, Response
 from audioclip.audio_input import load_audio
 from audioclip.errors import InvalidInputError
 from audioclip.image_input import IMAGE_SIZE, crop_to_uint8
+from audioclip.tokenizer import tokenize_to_ids
 
 from . import http_input as hi
+from . import openai_compat, ranking
 from .http_errors import (
     BadRequest,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
+    Unauthorized,
     Unprocessable,
     from_invalid_input,
 )
-from .settings import AppArgs
+from .settings import AppArgs, Limits
 
 logger = logging.getLogger("ray.serve")
 EMBED_DIM = 1024
@@ -74,6 +80,43 @@ def _unwrap(err: InvalidInputError) -> InvalidInputError:
     return cause if isinstance(cause, InvalidInputError) else err
 
 
+def _count_tokens(texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenize_to_ids(texts, truncate=True))
+
+
+def _modality_of(item: Any, index: int | None) -> str:
+    if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in ranking.MODALITIES:
+        raise InvalidInputError(
+            "each query/candidate must be an object with exactly one of 'text', 'image', 'audio'",
+            index=index,
+            reason="bad_item",
+        )
+    return next(iter(item))
+
+
+def _parse_rank(body: bytes, limits: Limits) -> tuple[Any, list, int | None]:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as err:
+        raise BadRequest(f"body is not valid JSON: {type(err).__name__}") from None
+    if not isinstance(data, dict) or set(data) - {"query", "candidates", "top_k"}:
+        raise BadRequest("body must be an object with 'query', 'candidates' and optional 'top_k'")
+    if "query" not in data or not isinstance(data.get("candidates"), list):
+        raise BadRequest("'query' and a 'candidates' list are required")
+    top_k = data.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise BadRequest("top_k must be a positive integer")
+    return data["query"], hi.check_count(data["candidates"], limits), top_k
+
+
+def _decode_rank_item(item: Any, index: int | None) -> dict:
+    """HTTP form of a rank item: text as is, image/audio as base64 or data URI strings."""
+    kind = _modality_of(item, index)
+    if kind == "text":
+        return item
+    return {kind: hi.decode_base64(item[kind], -1 if index is None else index)}
+
+
 def _normalized(embeddings: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings / np.maximum(norms, 1e-12)
@@ -94,11 +137,30 @@ class Router:
         self.tower_handles = towers
         self.pool = ThreadPoolExecutor(self.args.router.decode_threads, thread_name_prefix="decode")
         self.inflight = 0
+        self._scales: dict[str, float] | None = None
+        keys = list(self.args.router.api_keys)
+        if self.args.router.api_key_env and os.environ.get(self.args.router.api_key_env):
+            keys.append(os.environ[self.args.router.api_key_env])
+        self.api_keys = [k.encode() for k in keys if k]
+
+    def authorize(self, request: Request) -> None:
+        """With API keys configured, every /v1 route needs ``Authorization: Bearer <key>``."""
+        if not self.api_keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, key) for key in self.api_keys):
+            raise Unauthorized(
+                "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     @contextlib.contextmanager
-    def admitted(self):
+    def admitted(self, request: Request | None = None):
         """Admission control: past ``max_inflight`` requests, answer 503 with Retry-After at once
         instead of queueing without bound (a JSON body, unlike the proxy's own backpressure)."""
+        if request is not None:
+            self.authorize(request)
         if self.inflight >= self.args.router.max_inflight:
             retry = str(self.args.router.retry_after_s)
             raise Overloaded("the service is at capacity; retry later", headers={"Retry-After": retry})
@@ -143,7 +205,9 @@ class Router:
         return JSONResponse({"status": "ready", "towers": list(self.tower_handles)})
 
     @api.get("/v1/models")
-    async def http_models(self) -> dict:
+    async def http_models(self, request: Request) -> dict:
+        """Our description, in OpenAI's model-list shape as well (``object``/``data``)."""
+        self.authorize(request)
         info = await self.store.info.remote()
         towers = {}
         for name, handle in self.tower_handles.items():
@@ -156,11 +220,78 @@ class Router:
             "weights": info["kind"],
             "checkpoint": info["source"],
             "towers": towers,
+            "logit_scales": info["logit_scales"],
+            "object": "list",
+            "data": [
+                {"id": self.args.model_name, "object": "model", "created": 0, "owned_by": "audioclip-serve"}
+            ],
         }
+
+    @api.post("/v1/embeddings")
+    async def http_openai_embeddings(self, request: Request) -> Response:
+        """OpenAI-compatible embeddings (normalised); ``modality`` selects image or audio inputs."""
+        with self.admitted(request):
+            if hi.media_type(request) != "application/json":
+                raise hi.unsupported("embeddings", hi.media_type(request), ("application/json",))
+            body = await hi.read_body(request, self.limits)
+            req = openai_compat.parse_embeddings_request(body, self.args.model_name, EMBED_DIM, self.limits)
+            tokens = 0
+            if req.modality == "text":
+                embeddings = await self._http(self.embed_text(req.inputs, normalize=True))
+                tokens = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, _count_tokens, req.inputs
+                )
+            else:
+                items = [hi.decode_base64(v, i) for i, v in enumerate(req.inputs)]
+                embed = self.embed_image if req.modality == "image" else self.embed_audio
+                embeddings = await self._http(embed(items, normalize=True))
+            return JSONResponse(openai_compat.embeddings_response(req, embeddings, tokens))
+
+    @api.post("/v1/rank")
+    async def http_rank(self, request: Request) -> Response:
+        """Rank candidates of any modality against a query; see ``rank``."""
+        with self.admitted(request):
+            if hi.media_type(request) != "application/json":
+                raise hi.unsupported("rank", hi.media_type(request), ("application/json",))
+            body = await hi.read_body(request, self.limits)
+            query, candidates, top_k = _parse_rank(body, self.limits)
+
+            async def work() -> list[dict]:
+                decoded = [_decode_rank_item(c, i) for i, c in enumerate(candidates)]
+                return await self.rank(_decode_rank_item(query, None), decoded, top_k)
+
+            results = await self._http(work())
+            return JSONResponse({"model": self.args.model_name, "results": results})
+
+    async def rank(self, query: dict, candidates: Sequence[dict], top_k: int | None = None) -> list[dict]:
+        """``query`` and ``candidates`` are ``{"text": str}``, ``{"image": bytes}`` or ``{"audio": bytes}``.
+        Returns candidates sorted by probability, each with ``index``, ``cosine`` and ``probability``
+        (softmax of the checkpoint's logit scale for the pair times the cosine)."""
+        items = [query, *candidates]
+        kinds = [_modality_of(item, i - 1 if i else None) for i, item in enumerate(items)]
+        vectors = np.zeros((len(items), EMBED_DIM), dtype=np.float32)
+        embedders = {"text": self.embed_text, "image": self.embed_image, "audio": self.embed_audio}
+
+        async def embed_group(kind: str) -> None:
+            positions = [i for i, k in enumerate(kinds) if k == kind]
+            if not positions:
+                return
+            try:
+                out = await embedders[kind]([items[i][kind] for i in positions], normalize=True)
+            except InvalidInputError as err:
+                err = _unwrap(err)
+                at = positions[err.index] - 1 if err.index is not None else None
+                raise (err.at_index(at) if at is not None and at >= 0 else err) from None
+            vectors[positions] = out
+
+        await asyncio.gather(*(embed_group(k) for k in ranking.MODALITIES))
+        if self._scales is None:
+            self._scales = (await self.store.info.remote())["logit_scales"]
+        return ranking.rank(vectors[0], kinds[0], vectors[1:], kinds[1:], self._scales, top_k)
 
     @api.post("/v1/embed/text")
     async def http_embed_text(self, request: Request) -> Response:
-        with self.admitted():
+        with self.admitted(request):
             return await self._http_embed_text(request)
 
     async def _http_embed_text(self, request: Request) -> Response:
@@ -173,7 +304,7 @@ class Router:
 
     @api.post("/v1/embed/image")
     async def http_embed_image(self, request: Request) -> Response:
-        with self.admitted():
+        with self.admitted(request):
             return await self._http_embed_image(request)
 
     async def _http_embed_image(self, request: Request) -> Response:
@@ -203,7 +334,7 @@ class Router:
 
     @api.post("/v1/embed/audio")
     async def http_embed_audio(self, request: Request) -> Response:
-        with self.admitted():
+        with self.admitted(request):
             return await self._http_embed_audio(request)
 
     async def _http_embed_audio(self, request: Request) -> Response:

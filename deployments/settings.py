@@ -54,6 +54,10 @@ class RouterSettings(_Strict):
     )
     max_queued_requests: int = Field(1024, ge=-1, description="-1: unbounded; over it: 503 + Retry-After")
     retry_after_s: int = Field(1, ge=1)
+    api_keys: list[str] = Field(
+        default_factory=list, description="if any: /v1/* needs 'Authorization: Bearer'"
+    )
+    api_key_env: str | None = Field(None, description="name of an env var holding one more accepted key")
 
 
 class AppArgs(_Strict):

@@ -53,6 +53,20 @@ def split_by_tower(arrays: dict[str, np.ndarray], towers: list[str]) -> dict[str
     return parts
 
 
+def logit_scales(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """exp(logit scale) of each modality pair, clamped to [1, 100] as AudioCLIP does."""
+
+    def scale(key: str) -> float:
+        value = arrays.get(key, arrays.get(f"module.{key}"))
+        return float(np.clip(np.exp(np.float64(value)), 1.0, 100.0)) if value is not None else 100.0
+
+    return {
+        "image_text": scale("logit_scale"),
+        "audio_image": scale("logit_scale_ai"),
+        "audio_text": scale("logit_scale_at"),
+    }
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class WeightStore:
     """Holds one object-store reference per tower; towers borrow them at start-up."""
@@ -61,6 +75,7 @@ class WeightStore:
         arrays, self._info = load_weights(checkpoint)
         self._refs = {tower: ray.put(part) for tower, part in split_by_tower(arrays, towers).items()}
         self._info["towers"] = list(towers)
+        self._info["logit_scales"] = logit_scales(arrays)
         logger.info(
             "weights %s (%s, sha256 %s) shared for %s",
             checkpoint,

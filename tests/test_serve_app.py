@@ -328,17 +328,17 @@ def test_killed_tower_replica_reloads_from_the_store(client, model):
 
 # ---------------------------------------------------------------------------- live config
 def test_batch_settings_change_live_without_restart(app_url):
+    """``reconfigure`` is what Serve calls when only ``user_config`` changes (``serve deploy`` of an
+    edited config); it must retune the batcher in the running replica."""
     tower = serve.get_deployment_handle("AudioEncoder", "audioclip")
     before = tower.describe.remote().result(timeout_s=60)
-    args = {**TEST_ARGS, "audio": {**TEST_ARGS["audio"], "max_batch_size": 3, "batch_wait_timeout_s": 0.07}}
-    serve.run(build_app(args), name="audioclip", route_prefix="/")
+    tower.reconfigure.remote({"max_batch_size": 3, "batch_wait_timeout_s": 0.07}).result(timeout_s=60)
     after = tower.describe.remote().result(timeout_s=60)
     assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (3, 0.07)
-    assert after["pid"] == before["pid"], "a user_config change must not restart the replica"
-    serve.run(build_app(TEST_ARGS), name="audioclip", route_prefix="/")
-    assert (
-        tower.describe.remote().result(timeout_s=60)["max_batch_size"] == TEST_ARGS["audio"]["max_batch_size"]
-    )
+    assert after["pid"] == before["pid"]
+    original = {k: TEST_ARGS["audio"][k] for k in ("max_batch_size", "batch_wait_timeout_s")}
+    tower.reconfigure.remote(original).result(timeout_s=60)
+    assert tower.describe.remote().result(timeout_s=60)["max_batch_size"] == original["max_batch_size"]
 
 
 # ---------------------------------------------------------------------------- overload
@@ -368,3 +368,105 @@ def test_overload_gets_503_with_retry_after_and_recovers(app_url):
     after = httpx.post(f"{app_url}/overload/v1/embed/text", json={"texts": ["calm again"]}, timeout=60)
     assert after.status_code == 200
     serve.delete("overload")
+
+
+# ---------------------------------------------------------------------------- OpenAI API and ranking
+def _from_b64(value: str | list) -> np.ndarray:
+    return (
+        np.frombuffer(base64.b64decode(value), dtype="<f4") if isinstance(value, str) else np.asarray(value)
+    )
+
+
+def test_openai_client_text_image_audio(app_url, model):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+    texts = ["a dog barking", "a rocket launch"]
+    result = client.embeddings.create(model="audioclip-test", input=texts)
+    served = np.asarray([d.embedding for d in result.data], dtype=np.float32)
+    assert [d.index for d in result.data] == [0, 1] and result.usage.prompt_tokens > 4
+    assert np.allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+    _assert_same(served, model.encode_text(texts), 0.99999)
+    # base64: little-endian float32 bytes, as OpenAI sends them
+    as_b64 = client.embeddings.create(model="audioclip-test", input="a dog barking", encoding_format="base64")
+    assert np.allclose(_from_b64(as_b64.data[0].embedding), served[0], atol=1e-6)
+    image = (INPUTS / "rocket.jpg").read_bytes()
+    uri = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+    result = client.embeddings.create(model="audioclip-test", input=[uri], extra_body={"modality": "image"})
+    _assert_same(
+        np.asarray([result.data[0].embedding]),
+        model.encode_image(audioclip.preprocess_image(image)[None]),
+        0.99999,
+    )
+    wav = (INPUTS / "chord_44k.wav").read_bytes()
+    result = client.embeddings.create(
+        model="audioclip-test",
+        input=[base64.b64encode(wav).decode()],
+        extra_body={"modality": "audio"},
+        encoding_format="base64",
+    )
+    local = model.encode_audio(torch.from_numpy(audioclip.load_audio(wav))[None])
+    _assert_same(_from_b64(result.data[0].embedding)[None], local, 0.9999)
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def test_models_in_openai_list_shape(app_url):
+    from openai import OpenAI
+
+    models = OpenAI(base_url=f"{app_url}/v1", api_key="unused").models.list()
+    assert [m.id for m in models.data] == ["audioclip-test"]
+
+
+def test_rank_sound_against_labels_and_images(client, model):
+    labels = ["a dog barking", "rain on a roof", "a church bell"]
+    wav = (INPUTS / "speech_dog_44k.wav").read_bytes()
+    body = {"query": {"audio": base64.b64encode(wav).decode()}, "candidates": [{"text": t} for t in labels]}
+    r = client.post("/v1/rank", json=body)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    audio = model.encode_audio(torch.from_numpy(audioclip.load_audio(wav))[None])
+    text = model.encode_text(labels)
+    cos = torch.nn.functional.cosine_similarity(audio, text).numpy()
+    scale = model.logit_scales.audio_text
+    prob = torch.softmax(torch.from_numpy(cos) * scale, 0).numpy()
+    assert [x["index"] for x in results] == list(np.argsort(-cos))
+    for x in results:
+        assert abs(x["cosine"] - cos[x["index"]]) < 1e-4 and abs(x["probability"] - prob[x["index"]]) < 1e-3
+    images = [base64.b64encode((INPUTS / n).read_bytes()).decode() for n in ("rocket.jpg", "coffee.png")]
+    body = {
+        "query": {"audio": base64.b64encode(wav).decode()},
+        "candidates": [{"image": i} for i in images],
+        "top_k": 1,
+    }
+    assert len(client.post("/v1/rank", json=body).json()["results"]) == 1
+    bad = {"query": {"text": "x"}, "candidates": [{"text": "ok"}, {"video": "no"}]}
+    _error(client.post("/v1/rank", json=bad), 422, 1)
+
+
+def test_api_key_authentication(app_url):
+    args = {
+        **TEST_ARGS,
+        "model_name": "audioclip-secured",
+        "towers": ["text"],
+        "router": {"num_cpus": 0, "api_keys": ["s3cret-key"]},
+    }
+    serve.run(build_app(args), name="secured", route_prefix="/secured")
+    url = f"{app_url}/secured"
+    assert httpx.get(f"{url}/readyz", timeout=60).status_code in (200, 503)  # probes stay open
+    wait_ready(url)
+    body = {"texts": ["hello"]}
+    assert httpx.post(f"{url}/v1/embed/text", json=body, timeout=60).status_code == 401
+    wrong = httpx.post(
+        f"{url}/v1/embed/text", json=body, headers={"authorization": "Bearer nope"}, timeout=60
+    )
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+    assert "s3cret" not in wrong.text
+    ok = httpx.post(
+        f"{url}/v1/embed/text", json=body, headers={"authorization": "Bearer s3cret-key"}, timeout=60
+    )
+    assert ok.status_code == 200
+    assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401
+    serve.delete("secured")
