@@ -32,7 +32,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         deployment = TOWER_DEPLOYMENTS[name].options(
             num_replicas=tower.num_replicas,
             max_ongoing_requests=tower.ongoing_limit,
-            ray_actor_options={"num_cpus": tower.num_cpus, "num_gpus": tower.num_gpus},
+            ray_actor_options={
+                "num_cpus": tower.num_cpus,
+                "num_gpus": tower.num_gpus,
+                "resources": tower.resources,
+            },
             user_config={
                 "max_batch_size": tower.max_batch_size,
                 "batch_wait_timeout_s": tower.batch_wait_timeout_s,
@@ -47,5 +51,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_ongoing_requests=router.max_ongoing_requests,
         max_queued_requests=router.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=router.retry_after_s),
-        ray_actor_options={"num_cpus": router.num_cpus},
+        ray_actor_options={"num_cpus": router.num_cpus, "resources": router.resources},
     ).bind(store, towers, settings.model_dump())

@@ -48,6 +48,10 @@ class Overloaded(ServiceError):
     status, type = 503, "overloaded"
 
 
+class Unavailable(ServiceError):
+    status, type = 503, "unavailable"
+
+
 # Item problems whose cause is a limit, not the item's content.
 _TOO_LARGE_REASONS = {"too_many_pixels", "too_long"}
 

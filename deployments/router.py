@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,6 +39,7 @@ from .http_errors import (
     PayloadTooLarge,
     ServiceError,
     Unauthorized,
+    Unavailable,
     Unprocessable,
     from_invalid_input,
 )
@@ -187,6 +189,10 @@ class Router:
         """Clips as encoded bytes or ``(array, sample_rate)`` pairs -> ``[N, 1024]`` float32."""
         decoded = await self._decode_all(self._decode_audio, list(clips))
         return await self._embed("audio", decoded, {}, normalize)
+
+    def stats(self) -> dict:
+        """Requests in progress in this router replica (0 when idle: nothing leaked)."""
+        return {"inflight": self.inflight, "pid": os.getpid()}
 
     # ------------------------------------------------------------------ HTTP routes
     @api.get("/healthz")
@@ -458,6 +464,10 @@ class Router:
             raise Overloaded(
                 "the service is at capacity; retry later", headers={"Retry-After": retry}
             ) from None
+        except (RayActorError, ActorUnavailableError):
+            # A tower replica died mid-request; Serve is replacing it.
+            retry = str(self.args.router.retry_after_s)
+            raise Unavailable("a model replica restarted; retry", headers={"Retry-After": retry}) from None
 
     def _respond(self, request: Request, modality: str, embeddings: np.ndarray, normalize: bool) -> Response:
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)

@@ -19,6 +19,7 @@ class TowerSettings(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources (placement)")
     threads: int | None = Field(None, ge=1, description="torch threads; default: the replica's CPU share")
     dtype: Literal["fp32", "fp16", "bf16"] | None = None
     max_batch_size: int = Field(32, ge=1)
@@ -47,6 +48,7 @@ class Limits(_Strict):
 class RouterSettings(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources (placement)")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and audio")
     max_ongoing_requests: int = Field(256, ge=1)
     max_inflight: int = Field(

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -151,6 +152,7 @@ class TowerBase:
             "torch_threads": torch.get_num_threads(),
             "load_seconds": round(self.load_seconds, 3),
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "max_batch_size": self._embed_batch._get_max_batch_size(),
             "batch_wait_timeout_s": self._embed_batch._get_batch_wait_timeout_s(),
         }

@@ -13,7 +13,7 @@
    loop at each concurrency, with single-item and multi-item requests. A case issues requests until
    ``--seconds`` have passed or ``--max-requests`` were issued, then waits for those in flight, so the
    next case starts on an idle server; throughput = items answered / (last answer - start). A case
-   whose first wave alone would take over ``--max-case-seconds`` at the raw rate, or whose body would
+   whose first wave alone would take over ``--max-case-seconds`` at the best raw rate, or whose body would
    exceed the app's 64 MiB limit, is skipped and reported as such.
 4. Reported per case: requests/s, items/s, p50/p90/p99 latency, the mean batch the tower formed
    (its ``stats()`` before and after), CPU use (utime+stime of every process in /proc over wall time:
@@ -35,7 +35,6 @@ import contextlib
 import gc
 import io
 import json
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -358,6 +357,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def start_time(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (tells a reused pid apart)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -390,9 +398,9 @@ class ServeApp:
 
     def start(self) -> None:
         serve_cli = Path(sys.executable).with_name("serve")
-        command = [str(serve_cli), "run", str(self.config)] if serve_cli.exists() else [
-            sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", str(self.config),
-        ]  # fmt: skip
+        if not serve_cli.exists():
+            raise FileNotFoundError(f"no serve CLI next to {sys.executable}; install ray[serve]")
+        command = [str(serve_cli), "run", str(self.config)]
         log(f"starting: {' '.join(command)} (log: {self.log_path})")
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -417,7 +425,7 @@ class ServeApp:
     def stop(self) -> None:
         if self.proc is None:
             return
-        family = descendants(self.proc.pid)
+        family = {pid: start_time(pid) for pid in descendants(self.proc.pid)}
         if self.proc.poll() is None:
             log("stopping serve run (SIGINT: serve shutdown, then its local Ray cluster)")
             self.proc.send_signal(signal.SIGINT)
@@ -427,9 +435,10 @@ class ServeApp:
                 self.proc.kill()
                 self.proc.wait()
         time.sleep(2.0)
-        for pid in family:  # processes of our cluster that outlived the driver
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        for pid, started in family.items():  # processes of our cluster that outlived the driver
+            if started is not None and start_time(pid) == started:  # the same process, not a reused pid
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         self.proc = None
 
 
@@ -484,7 +493,8 @@ async def closed_loop(
             state["issued"] += 1
             t0 = time.perf_counter()
             try:
-                state["items"] += await send(index)
+                answered = await send(index)  # not `+= await`: that would lose concurrent updates
+                state["items"] += answered
                 latencies.append(time.perf_counter() - t0)
             except Exception as err:  # noqa: BLE001 - any failure is counted, the case goes on
                 errors[type(err).__name__ + (f" {err}" if isinstance(err, HttpError) else "")] += 1
@@ -493,9 +503,8 @@ async def closed_loop(
         while True:
             await asyncio.sleep(5.0)
             elapsed = time.perf_counter() - started
-            log(
-                f"    {label}: {elapsed:.0f} s, {len(latencies)} answered, {state['items'] / elapsed:.1f} items/s"
-            )
+            rate = state["items"] / elapsed
+            log(f"    {label}: {elapsed:.0f} s, {len(latencies)} answered, {rate:.1f} items/s")
 
     reporter = asyncio.create_task(progress())
     try:
@@ -509,7 +518,10 @@ class HttpError(Exception):
     """A non-200 answer."""
 
 
-async def run_http(case: Case, url: str, pool: list, seconds: float, max_requests: int) -> LoadResult:
+async def run_http(
+    case: Case, url: str, pool: list, seconds: float, max_requests: int, warmup: bool
+) -> LoadResult:
+    """One case over HTTP (aiohttp); ``warmup``: a single untimed request instead."""
     import aiohttp
 
     bodies = [http_request(case.kind, batch_of(pool, i * case.items, case.items)) for i in range(4)]
@@ -529,14 +541,16 @@ async def run_http(case: Case, url: str, pool: list, seconds: float, max_request
                     check.append(f"{len(rows)}x{len(rows[0])}")
                 return case.items
 
-        await send(0)  # untimed warm-up request (and the shape check)
+        if warmup:
+            seconds, max_requests = 3600.0, 1
         lat, items, errors, elapsed = await closed_loop(
             send, case.concurrency, seconds, max_requests, label(case)
         )
     return LoadResult(lat, items, dict(errors), elapsed, check[0] if check else "")
 
 
-async def run_handle(case: Case, pool: list, seconds: float, max_requests: int) -> LoadResult:
+async def run_handle(case: Case, pool: list, seconds: float, max_requests: int, warmup: bool) -> LoadResult:
+    """One case through the handle API from this Ray driver; ``warmup``: a single untimed request."""
     from ray import serve
 
     app = serve.get_app_handle(APP)
@@ -551,7 +565,8 @@ async def run_handle(case: Case, pool: list, seconds: float, max_requests: int) 
             check.append("x".join(str(d) for d in out.shape))
         return len(out)
 
-    await send(0)
+    if warmup:
+        seconds, max_requests = 3600.0, 1
     lat, items, errors, elapsed = await closed_loop(
         send, case.concurrency, seconds, max_requests, label(case)
     )
@@ -559,8 +574,8 @@ async def run_handle(case: Case, pool: list, seconds: float, max_requests: int) 
 
 
 def load_worker(conn: Connection, mode: str, inputs_path: str, target: str) -> None:
-    """A load process: receives ``(case, seconds, max_requests)``, answers a ``LoadResult``; None ends it.
-    ``target`` is the app URL (http) or the Ray GCS address (handle)."""
+    """A load process: receives ``(case, seconds, max_requests, warmup)``, answers a ``LoadResult``;
+    None ends it. ``target`` is the app URL (http) or the Ray GCS address (handle)."""
     with open(inputs_path, "rb") as f:
         inputs = pickle.load(f)
     if mode == "handle":
@@ -568,12 +583,12 @@ def load_worker(conn: Connection, mode: str, inputs_path: str, target: str) -> N
 
         ray.init(address=target, namespace="serve", log_to_driver=False, logging_level="ERROR")
     while (message := conn.recv()) is not None:
-        case, seconds, max_requests = message
+        case, seconds, max_requests, warmup = message
         pool = inputs[case.kind]
         if mode == "http":
-            result = asyncio.run(run_http(case, target, pool, seconds, max_requests))
+            result = asyncio.run(run_http(case, target, pool, seconds, max_requests, warmup))
         else:
-            result = asyncio.run(run_handle(case, pool, seconds, max_requests))
+            result = asyncio.run(run_handle(case, pool, seconds, max_requests, warmup))
         conn.send(result)
 
 
@@ -586,8 +601,8 @@ class LoadProcess:
         self.proc = ctx.Process(target=load_worker, args=(child, mode, str(inputs_path), target), daemon=True)
         self.proc.start()
 
-    def run(self, case: Case, seconds: float, max_requests: int) -> LoadResult:
-        self.conn.send((case, seconds, max_requests))
+    def run(self, case: Case, seconds: float, max_requests: int, warmup: bool = False) -> LoadResult:
+        self.conn.send((case, seconds, max_requests, warmup))
         return self.conn.recv()
 
     def close(self) -> None:
@@ -746,13 +761,13 @@ def plan_cases(args: argparse.Namespace, kinds: Sequence[str]) -> list[Case]:
 
 
 def skip_reason(case: Case, raw: dict[tuple[str, int], RawResult], pool: list, max_case_s: float) -> str:
-    """Why a case is not run: a body over the app's limit, or a first wave too long at the raw rate."""
+    """Why a case is not run: a body over the app's limit, or a first wave too long at the best raw rate."""
     if KINDS[case.kind].modality != "text" and case.items > 1:
         body = case.items * statistics.mean(len(b) for b in pool) * 4 / 3
         if body > MAX_BODY_BYTES:
             return f"body ~{body / 2**20:.0f} MiB over the 64 MiB limit"
-    best = max((r for (k, _), r in raw.items() if k == case.kind), key=lambda r: r.batch, default=None)
-    if best is not None:
+    best = max((r for (k, _), r in raw.items() if k == case.kind), key=lambda r: r.items_per_s, default=None)
+    if best is not None:  # the server is unlikely to beat the best raw rate: a lower bound of the time
         wave_s = case.concurrency * case.items / best.items_per_s
         if wave_s > max_case_s:
             return f"first wave ~{wave_s:.0f} s at the raw rate (> {max_case_s:.0f} s)"
@@ -810,6 +825,7 @@ def run_cases(
 ) -> list[ServedResult]:
     meter, stats = CpuMeter(), TowerStats(ray_address)
     workers: dict[str, LoadProcess] = {}
+    warmed: set[tuple[str, str]] = set()
     results = []
     try:
         for n, case in enumerate(cases, 1):
@@ -818,8 +834,16 @@ def run_cases(
                 reason = "no Ray address for the handle API"
             if reason:
                 log(f"[{n}/{len(cases)}] {label(case)}: skipped ({reason})")
-                results.append(ServedResult(case.path, case.kind, KINDS[case.kind].modality, case.items,
-                                            case.concurrency, skipped=reason))  # fmt: skip
+                results.append(
+                    ServedResult(
+                        case.path,
+                        case.kind,
+                        KINDS[case.kind].modality,
+                        case.items,
+                        case.concurrency,
+                        skipped=reason,
+                    )
+                )
                 continue
             if case.path not in workers:
                 workers[case.path] = LoadProcess(
@@ -827,6 +851,12 @@ def run_cases(
                 )
                 meter.client_pids.add(workers[case.path].proc.pid)
             log(f"[{n}/{len(cases)}] {label(case)}")
+            group = (case.path, case.kind)
+            if group not in warmed:  # one untimed single-item request per path and input, outside the window
+                warm = workers[case.path].run(Case(case.path, case.kind, 1, 1), args.seconds, 1, warmup=True)
+                first = warm.latencies_s[0] if warm.latencies_s else None
+                log(f"    warm-up: {fmt(first, '.2f')} s {warm.errors or ''}")
+                warmed.add(group)
             modality = KINDS[case.kind].modality
             batches_before = stats.batch_sizes(modality)
             cpu_before, t0 = meter.snapshot(), time.perf_counter()
@@ -844,7 +874,8 @@ def run_cases(
             )
             add_ratios(result, raw)
             log(
-                f"    {result.requests} requests in {result.elapsed_s:.1f} s: {result.items_per_s:.2f} items/s, "
+                f"    {result.requests} requests in {result.elapsed_s:.1f} s: "
+                f"{result.items_per_s:.2f} items/s, "
                 f"p99 {result.p99_ms:.0f} ms, mean batch {fmt(result.mean_batch, '.1f')}, "
                 f"CPU {result.cpu_cores.get('total', 0):.2f} cores"
                 + (f", errors {result.errors}" if result.errors else "")
@@ -894,10 +925,16 @@ def evaluate_targets(results: Sequence[ServedResult], kinds: Sequence[str], top:
         multi = [r for r in results if r.path == "http" and r.kind == kind and r.items > 1 and not r.skipped]
         if multi:
             best = max(multi, key=lambda r: r.items_per_s)
-            targets.append(Target(
-                f"{best.items}-item requests / raw batch", kind, best.x_raw_max, 0.9, True,
-                f"best at c{best.concurrency}, raw batch {best.raw_max_batch}",
-            ))  # fmt: skip
+            targets.append(
+                Target(
+                    f"{best.items}-item requests / raw batch",
+                    kind,
+                    best.x_raw_max,
+                    0.9,
+                    True,
+                    f"best at c{best.concurrency}, raw batch {best.raw_max_batch}",
+                )
+            )
         if modality == "text":
             one = find(results, path="http", kind=kind, items=1, concurrency=1)
             ratio = single_top.items_per_s / one.items_per_s if single_top and one else None
@@ -905,10 +942,16 @@ def evaluate_targets(results: Sequence[ServedResult], kinds: Sequence[str], top:
                 Target(f"text c{top} / c1 (dynamic batching)", kind, ratio, 3.0, True, "single-item")
             )
         one = find(results, path="http", kind=kind, items=1, concurrency=1)
-        targets.append(Target(
-            "p99 at c1 / raw single-item time", kind, one.p99_over_raw_b1 if one else None, 1.5, False,
-            f"p99 {one.p99_ms:.0f} ms over {one.requests} requests" if one else "c1 not run",
-        ))  # fmt: skip
+        targets.append(
+            Target(
+                "p99 at c1 / raw single-item time",
+                kind,
+                one.p99_over_raw_b1 if one else None,
+                1.5,
+                False,
+                f"p99 {one.p99_ms:.0f} ms over {one.requests} requests" if one else "c1 not run",
+            )
+        )
     return targets
 
 
@@ -929,8 +972,8 @@ def raw_table(raw: Sequence[RawResult]) -> str:
 
 def served_table(results: Sequence[ServedResult]) -> str:
     lines = [
-        "| path | input | items/req | conc | requests | req/s | items/s | p50 ms | p90 ms | p99 ms | mean batch "
-        "| CPU cores | x raw b1 | x raw bmax | p99 / raw b1 |",
+        "| path | input | items/req | conc | requests | req/s | items/s | p50 ms | p90 ms | p99 ms "
+        "| mean batch | CPU cores | x raw b1 | x raw bmax | p99 / raw b1 |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
@@ -942,7 +985,8 @@ def served_table(results: Sequence[ServedResult]) -> str:
         bmax = f"{fmt(r.x_raw_max, '.2f')} (b{r.raw_max_batch})" if r.x_raw_max is not None else ""
         lines.append(
             f"{head} {r.requests}{errors} | {r.req_per_s:.2f} | {r.items_per_s:.2f} | {r.p50_ms:.0f} | "
-            f"{r.p90_ms:.0f} | {r.p99_ms:.0f} | {fmt(r.mean_batch, '.1f')} | {r.cpu_cores.get('total', 0):.2f} | "
+            f"{r.p90_ms:.0f} | {r.p99_ms:.0f} | {fmt(r.mean_batch, '.1f')} | "
+            f"{r.cpu_cores.get('total', 0):.2f} | "
             f"{fmt(r.x_raw_b1, '.2f')} | {bmax} | {fmt(r.p99_over_raw_b1, '.2f')} |"
         )
     return "\n".join(lines)
@@ -953,9 +997,8 @@ def targets_table(targets: Sequence[Target]) -> str:
     for t in targets:
         sign = ">=" if t.higher_is_better else "<="
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t.met]
-        lines.append(
-            f"| {t.name} | {t.kind} | {fmt(t.measured, '.2f')} | {sign} {t.target:g} | {verdict} | {t.detail} |"
-        )
+        measured = fmt(t.measured, ".2f")
+        lines.append(f"| {t.name} | {t.kind} | {measured} | {sign} {t.target:g} | {verdict} | {t.detail} |")
     return "\n".join(lines)
 
 
@@ -966,8 +1009,11 @@ def cpu_role_table(results: Sequence[ServedResult]) -> str:
     for r in results:
         if not r.skipped:
             cells = [fmt(r.cpu_cores.get(role), ".2f") for role in roles]
-            lines.append(f"| {r.path} {r.kind} x{r.items} c{r.concurrency} | " + " | ".join(cells)
-                         + f" | {r.cpu_cores.get('total', 0):.2f} |")  # fmt: skip
+            lines.append(
+                f"| {r.path} {r.kind} x{r.items} c{r.concurrency} | "
+                + " | ".join(cells)
+                + f" | {r.cpu_cores.get('total', 0):.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -987,21 +1033,30 @@ def plot(results: Sequence[ServedResult], raw: Sequence[RawResult], path: Path) 
             {(r.path, r.kind, r.items) for r in results if r.modality == modality and not r.skipped}
         )
         kinds = sorted({k for _, k, _ in series}, key=list(KINDS).index)
-        for i, (path_name, kind, items) in enumerate(series):
-            rows = sorted((r for r in results if (r.path, r.kind, r.items) == (path_name, kind, items)
-                           and not r.skipped), key=lambda r: r.concurrency)  # fmt: skip
+        for path_name, kind, items in series:
+            rows = sorted(
+                (
+                    r
+                    for r in results
+                    if (r.path, r.kind, r.items) == (path_name, kind, items) and not r.skipped
+                ),
+                key=lambda r: r.concurrency,
+            )
             color = colors[(2 * kinds.index(kind) + (items > 1)) % len(colors)]
-            style = dict(color=color, marker="o" if path_name == "http" else "s",
-                         linestyle="-" if path_name == "http" else ":")  # fmt: skip
+            style = dict(
+                color=color,
+                marker="o" if path_name == "http" else "s",
+                linestyle="-" if path_name == "http" else ":",
+            )
             name = f"{kind} x{items} {path_name}"
             top.plot([r.concurrency for r in rows], [r.items_per_s for r in rows], label=name, **style)
             bottom.plot([r.concurrency for r in rows], [r.p99_ms / 1e3 for r in rows], label=name, **style)
-            del i
         for kind in kinds:
             best = max((r for r in raw if r.kind == kind), key=lambda r: r.batch, default=None)
             if best:
-                top.axhline(best.items_per_s, color=colors[(2 * kinds.index(kind)) % len(colors)], linestyle="--",
-                            linewidth=1, label=f"{kind} raw batch {best.batch}")  # fmt: skip
+                color = colors[(2 * kinds.index(kind)) % len(colors)]
+                name = f"{kind} raw batch {best.batch}"
+                top.axhline(best.items_per_s, color=color, linestyle="--", linewidth=1, label=name)
         for ax in (top, bottom):
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({r.concurrency for r in results}))
@@ -1068,15 +1123,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--handle-kinds", type=str_list, default=["queries", "photo"], help="handle API cases")
     p.add_argument("--seconds", type=float, default=8.0, help="issue requests for this long per case (8)")
     p.add_argument("--max-requests", type=int, default=2000, help="requests per case at most (2000)")
-    p.add_argument("--max-case-seconds", type=float, default=40.0,
-                   help="skip a case whose first wave takes longer at the raw rate (40)")  # fmt: skip
+    p.add_argument(
+        "--max-case-seconds",
+        type=float,
+        default=40.0,
+        help="skip a case whose first wave takes longer at the best raw rate (40)",
+    )
     p.add_argument("--raw-seconds", type=float, default=4.0, help="timed calls per raw case at least (4 s)")
     p.add_argument("--raw-max-call", type=float, default=12.0, help="largest raw call estimate (12 s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the raw towers (2)")
     p.add_argument("--no-raw", action="store_true", help="skip raw timing (no ratios, no skip estimates)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run (~5 min): queries, photo, clip5; c1,32; single items; 5 s cases")  # fmt: skip
+    quick = "smoke run (~5 min): queries, photo, clip5; c1,32; single items; 5 s cases"
+    p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--plot", type=Path, help="write the throughput / p99 plot here (PNG)")
     args = p.parse_args(argv)

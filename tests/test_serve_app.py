@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import io
 import time
 
@@ -470,3 +471,173 @@ def test_api_key_authentication(app_url):
     assert ok.status_code == 200
     assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401
     serve.delete("secured")
+
+
+# ---------------------------------------------------------------------------- fuzzing
+def test_fuzzed_requests_never_get_a_5xx(client):
+    from fuzz_cases import random_cases, structural_cases
+
+    tried, statuses = 0, collections.Counter()
+    cases = [*structural_cases(INPUTS), *random_cases(INPUTS, count=240)]
+    for n, (name, method, path, headers, body, must_fail) in enumerate(cases):
+        r = client.request(method, path, headers=headers, content=body)
+        tried += 1
+        statuses[r.status_code] += 1
+        assert r.status_code < 500, f"{name}: {r.status_code} {r.text[:300]}"
+        if r.status_code != 200:
+            error = r.json()["error"]
+            assert error["message"] and "Traceback" not in error["message"], name
+        if must_fail:
+            assert 400 <= r.status_code < 500, f"{name}: got {r.status_code}"
+        if n % 50 == 0:
+            assert client.get("/readyz").status_code == 200, f"not ready after {name}"
+    print(f"\nfuzzed {tried} requests: statuses {dict(sorted(statuses.items()))}")
+    assert client.get("/readyz").status_code == 200
+
+
+def test_bad_images_and_clips_among_concurrent_good_ones(app_url, model):
+    png = (INPUTS / "coffee.png").read_bytes()
+    jpeg = (INPUTS / "rocket.jpg").read_bytes()
+    wav = (INPUTS / "chord_44k.wav").read_bytes()
+    requests = []  # (path, body, content type, expected index in the local results or None)
+    for i in range(32):
+        if i % 8 == 3:
+            requests.append(("/v1/embed/image", png[: len(png) // 4], "image/png", None))
+        elif i % 8 == 5:
+            requests.append(("/v1/embed/audio", b"RIFF\x00\x00\x00\x00WAVEjunk", "audio/wav", None))
+        elif i % 2:
+            requests.append(("/v1/embed/audio", wav, "audio/wav", "audio"))
+        else:
+            requests.append(
+                (
+                    "/v1/embed/image",
+                    jpeg if i % 4 else png,
+                    "image/jpeg" if i % 4 else "image/png",
+                    "jpeg" if i % 4 else "png",
+                )
+            )
+    expected = {
+        "jpeg": model.encode_image(audioclip.preprocess_image(jpeg)[None]).numpy(),
+        "png": model.encode_image(audioclip.preprocess_image(png)[None]).numpy(),
+        "audio": model.encode_audio(torch.from_numpy(audioclip.load_audio(wav))[None]).numpy(),
+    }
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=app_url, timeout=120) as c:
+            return await asyncio.gather(
+                *(c.post(p, content=b, headers={"content-type": t}) for p, b, t, _ in requests)
+            )
+
+    for (path, _, _, key), r in zip(requests, asyncio.run(run()), strict=True):
+        if key is None:
+            assert r.status_code == 422 and r.json()["error"]["index"] == 0, (path, r.text)
+        else:
+            min_cos = 0.9999 if key == "audio" else 0.99999
+            assert row_cosines(_embeddings(r), expected[key]).min() >= min_cos, (path, key)
+
+
+def test_client_disconnects_do_not_leak(app_url, client):
+    async def impatient() -> int:
+        async with httpx.AsyncClient(base_url=app_url, timeout=0.05) as c:
+            calls = [
+                c.post(
+                    "/v1/embed/audio",
+                    content=(INPUTS / "chord_44k.wav").read_bytes(),
+                    headers={"content-type": "audio/wav"},
+                )
+                for _ in range(12)
+            ]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            return sum(isinstance(r, httpx.TimeoutException) for r in results)
+
+    timed_out = asyncio.run(impatient())
+    assert timed_out > 0
+    router = serve.get_app_handle("audioclip")
+    deadline = time.monotonic() + 60
+    while router.stats.remote().result(timeout_s=30)["inflight"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert router.stats.remote().result(timeout_s=30)["inflight"] == 0
+    assert client.post("/v1/embed/text", json={"texts": ["still fine"]}).status_code == 200
+
+
+# ---------------------------------------------------------------------------- faults
+def test_tower_killed_under_load_recovers_and_never_mixes_answers(app_url, client, model):
+    texts = [f"steady load text number {i}" for i in range(400)]
+    expected = model.encode_text(texts[:120]).numpy()
+    outcome = collections.Counter()
+    ready_states = collections.Counter()
+
+    async def load(stop_at: float) -> None:
+        async with httpx.AsyncClient(base_url=app_url, timeout=60) as c:
+
+            async def worker(w: int) -> None:
+                i = w
+                while time.monotonic() < stop_at:
+                    k = i % 120
+                    try:
+                        r = await c.post("/v1/embed/text", json={"texts": [texts[k]]})
+                    except httpx.HTTPError:
+                        outcome["transport_error"] += 1
+                        continue
+                    finally:
+                        i += 4
+                    if r.status_code == 200:
+                        got = np.asarray(r.json()["embeddings"], dtype=np.float32)
+                        assert row_cosines(got, expected[k : k + 1]).min() >= 0.99999, (
+                            "another request's answer"
+                        )
+                        outcome["ok"] += 1
+                    else:
+                        outcome[r.status_code] += 1
+
+            async def probe() -> None:
+                while time.monotonic() < stop_at:
+                    ready_states[(await c.get("/readyz")).status_code] += 1
+                    await asyncio.sleep(0.25)
+
+            await asyncio.gather(*(worker(w) for w in range(4)), probe())
+
+    def kill_text_tower() -> None:
+        time.sleep(3)
+        names = [
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "TextEncoder" in a["name"]
+        ]
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+    import threading
+
+    killer = threading.Thread(target=kill_text_tower)
+    killer.start()
+    asyncio.run(load(time.monotonic() + 25))
+    killer.join()
+    failed = sum(v for k, v in outcome.items() if k != "ok")
+    print(f"\nkill under load: {dict(outcome)}; readyz answers {dict(ready_states)}")
+    assert outcome["ok"] > 0 and failed <= outcome["ok"]
+    assert set(outcome) <= {"ok", 503}, "a dying replica must give 503 + Retry-After, not a 500"
+    wait_ready(app_url, timeout_s=120)
+
+
+def test_weight_store_killed_towers_keep_serving_and_reload(app_url, client, model):
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    store = next(n for n in names if "WeightStore" in n)
+    ray.kill(ray.get_actor(store, namespace="serve"), no_restart=True)
+    served = _embeddings(client.post("/v1/embed/text", json={"texts": ["store is down"]}))
+    _assert_same(served, model.encode_text(["store is down"]), 0.99999)
+    # A new tower replica started now must get its weights from the restarted store.
+    tower = serve.get_deployment_handle("ImageEncoder", "audioclip")
+    old_pid = tower.stats.remote().result(timeout_s=60)["pid"]
+    image_actor = next(
+        n for n in ray.util.list_named_actors(all_namespaces=True) if "ImageEncoder" in n["name"]
+    )
+    ray.kill(ray.get_actor(image_actor["name"], namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if tower.stats.remote().result(timeout_s=30)["pid"] != old_pid:
+                break
+        except Exception:  # noqa: BLE001 - being replaced
+            time.sleep(1)
+    wait_ready(app_url, timeout_s=120)
+    jpeg = (INPUTS / "rocket.jpg").read_bytes()
+    served = _embeddings(client.post("/v1/embed/image", content=jpeg, headers={"content-type": "image/jpeg"}))
+    _assert_same(served, model.encode_image(audioclip.preprocess_image(jpeg)[None]), 0.99999)

@@ -1,0 +1,392 @@
+"""``audioclip-embed``: embed a folder of images, a folder of audio files or a text file into an ``.npy``.
+
+    audioclip-embed images DIR -o out.npy --checkpoint synthetic:demo
+    audioclip-embed audio DIR -o out.npy --server http://127.0.0.1:8000
+    audioclip-embed text FILE.txt -o out.npy            (one text per line; blank lines are skipped)
+
+Writes ``OUT.npy`` (float32 ``[N, 1024]``) and ``OUT.txt``, whose line i names the source of row i
+(a path relative to DIR, or ``FILE:LINE``), so rows stay traceable when items are skipped. Folders
+are searched recursively in sorted order for known extensions; hidden files are ignored. An item
+that cannot be used (undecodable file, text over 77 tokens without ``--truncate``) is reported on
+stderr, listed in ``OUT.errors.txt`` and skipped; the exit status is then 1. Exit status 2 means
+nothing was written (bad arguments, no inputs, checkpoint or server unusable).
+
+With ``--server`` the running service does the work through :class:`AudioCLIPClient`; otherwise the
+model runs here (``--checkpoint PATH`` or ``synthetic:NAME``; default ``$AUDIOCLIP_CHECKPOINT`` or
+``.cache/AudioCLIP-Full-Training.pt``), building only the one tower it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from audioclip import AudioCLIP
+
+    from .client import AudioCLIPClient
+
+EMBED_DIM = 1024
+MODALITIES = ("images", "audio", "text")
+TOWER = {"images": "image", "audio": "audio", "text": "text"}
+DEFAULT_BATCH_SIZE = {"images": 16, "audio": 8, "text": 64}
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# m4a/mp4/webm are listed so they are reported as undecodable (libsndfile lacks them), not ignored.
+AUDIO_SUFFIXES = frozenset(
+    {
+        ".wav",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".mp3",
+        ".aif",
+        ".aiff",
+        ".caf",
+        ".w64",
+        ".m4a",
+        ".mp4",
+        ".webm",
+    }
+)
+DEFAULT_CHECKPOINT = ".cache/AudioCLIP-Full-Training.pt"
+SYNTHETIC_PREFIX = "synthetic:"
+_REQUEST_POSITION = re.compile(r"^item \d+: ")
+
+
+class FatalError(Exception):
+    """Nothing useful can be written: the inputs, the checkpoint or the server cannot be used."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: ``label`` goes to the sidecar, ``item`` (a file or a text) to the model."""
+
+    label: str
+    item: Path | str
+
+
+@dataclass
+class BatchResult:
+    """Rows for the ``kept`` positions of a batch (in order) and a message for each failed one."""
+
+    rows: np.ndarray
+    kept: list[int]
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+class Embedder(Protocol):
+    def embed(self, items: Sequence[Path | str]) -> BatchResult: ...
+
+
+def l2_normalized(rows: np.ndarray) -> np.ndarray:
+    """Unit rows, as the service's ``normalize`` gives them."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def empty_rows() -> np.ndarray:
+    return np.zeros((0, EMBED_DIM), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- inputs
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def folder_sources(root: Path, suffixes: frozenset[str]) -> list[Source]:
+    """Files under ``root`` with a known extension, sorted, labelled by their path relative to it."""
+    if not root.is_dir():
+        raise FatalError(f"{root} is not a folder")
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file() and not _is_hidden(p, root)
+    )
+    return [Source(p.relative_to(root).as_posix(), p) for p in files]
+
+
+def text_sources(path: Path) -> list[Source]:
+    """One text per non-blank line, labelled ``FILE:LINE`` (1-based)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise FatalError(f"cannot read {path}: {err}") from err
+    return [Source(f"{path.name}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def collect(modality: str, path: Path) -> list[Source]:
+    if modality == "text":
+        return text_sources(path)
+    return folder_sources(path, IMAGE_SUFFIXES if modality == "images" else AUDIO_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------- in-process model
+def load_model(checkpoint: str, modality: str, device: str) -> AudioCLIP:
+    """Only the tower this modality needs; a released checkpoint's name must have its sha256."""
+    from audioclip import AudioCLIP, AudioCLIPError, synthetic_state_dict
+    from audioclip.checkpoint import verify_known_checkpoint
+
+    towers = (TOWER[modality],)
+    try:
+        if checkpoint.startswith(SYNTHETIC_PREFIX):
+            weights = synthetic_state_dict(checkpoint.removeprefix(SYNTHETIC_PREFIX) or "demo")
+            return AudioCLIP.from_state_dict(weights, device, towers)
+        path = Path(checkpoint).expanduser()
+        verify_known_checkpoint(path)
+        return AudioCLIP.from_checkpoint(path, device, towers)
+    except (AudioCLIPError, RuntimeError, ValueError) as err:  # RuntimeError: e.g. no CUDA device
+        raise FatalError(f"cannot load {checkpoint!r} on {device}: {err}") from err
+
+
+def _error_text(err: Exception) -> str:
+    """An item's problem without the batch position the library prefixes (``item 3: ...``)."""
+    detail = getattr(err, "detail", None)
+    return detail if isinstance(detail, str) else str(err)
+
+
+class LocalEmbedder:
+    """Runs the model in this process: decode each item (failures are per item), then one forward."""
+
+    def __init__(self, model: AudioCLIP, modality: str, normalize: bool, truncate: bool) -> None:
+        self.model = model
+        self.normalize = normalize
+        self.truncate = truncate
+        self.prepare: Callable[[Any], Any] = getattr(self, f"_prepare_{modality}")
+        self.encode: Callable[[list], np.ndarray] = getattr(self, f"_encode_{modality}")
+
+    def embed(self, items: Sequence[Path | str]) -> BatchResult:
+        from audioclip import InvalidInputError
+
+        prepared, kept, failed = [], [], []
+        for i, item in enumerate(items):
+            try:
+                prepared.append(self.prepare(item))
+                kept.append(i)
+            except (InvalidInputError, OSError) as err:
+                failed.append((i, _error_text(err)))
+        rows = self.encode(prepared) if prepared else empty_rows()
+        return BatchResult(l2_normalized(rows) if self.normalize else rows, kept, failed)
+
+    def _prepare_images(self, path: Path) -> np.ndarray:
+        from audioclip import crop_to_uint8
+
+        return crop_to_uint8(path.read_bytes())
+
+    def _prepare_audio(self, path: Path) -> np.ndarray:
+        from audioclip import load_audio
+
+        return load_audio(path.read_bytes())
+
+    def _prepare_text(self, text: str) -> list[int]:
+        from audioclip import tokenize_to_ids
+
+        return tokenize_to_ids([text], self.model.config.context_length, truncate=self.truncate)[0]
+
+    def _encode_images(self, crops: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        from audioclip import normalize_pixels
+
+        pixels = torch.from_numpy(np.stack(crops)).to(self.model.device)
+        return self.model.encode_image(normalize_pixels(pixels)).cpu().numpy()
+
+    def _encode_audio(self, clips: list[np.ndarray]) -> np.ndarray:
+        """Clips of equal shape run together; others separately, since padding would change them."""
+        import torch
+
+        rows = np.zeros((len(clips), EMBED_DIM), dtype=np.float32)
+        for shape in {c.shape for c in clips}:
+            positions = [i for i, c in enumerate(clips) if c.shape == shape]
+            batch = torch.from_numpy(np.stack([clips[i] for i in positions]))
+            rows[positions] = self.model.encode_audio(batch).cpu().numpy()
+        return rows
+
+    def _encode_text(self, ids: list[list[int]]) -> np.ndarray:
+        from audioclip.model import pad_token_ids
+
+        return self.model.encode_tokens(pad_token_ids(ids)).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- the service
+class RemoteEmbedder:
+    """Sends each batch as one request; an item the service refuses is dropped and the rest resent."""
+
+    def __init__(self, client: AudioCLIPClient, modality: str, normalize: bool, truncate: bool) -> None:
+        self.modality = modality
+        self.client = client
+        self.normalize = normalize
+        self.truncate = truncate
+
+    def _call(self, payloads: list) -> np.ndarray:
+        n = len(payloads)
+        if self.modality == "text":
+            return self.client.embed_text(payloads, self.normalize, self.truncate, batch_size=n)
+        if self.modality == "images":
+            return self.client.embed_images(payloads, self.normalize, batch_size=n)
+        return self.client.embed_audio(payloads, self.normalize, batch_size=n)
+
+    def _payloads(self, items: Sequence[Path | str]) -> tuple[dict[int, Any], list[tuple[int, str]]]:
+        """Texts as they are; files read once here, so a resend does not read them again."""
+        if self.modality == "text":
+            return dict(enumerate(items)), []
+        payloads, failed = {}, []
+        for i, path in enumerate(items):
+            try:
+                payloads[i] = Path(path).read_bytes()
+            except OSError as err:
+                failed.append((i, str(err)))
+        return payloads, failed
+
+    def embed(self, items: Sequence[Path | str]) -> BatchResult:
+        from .client import AudioCLIPClientError, AudioCLIPHTTPError
+
+        payloads, failed = self._payloads(items)
+        alive = sorted(payloads)
+        while alive:
+            try:
+                rows = self._call([payloads[i] for i in alive])
+            except AudioCLIPHTTPError as err:
+                if err.index is None or not 0 <= err.index < len(alive):
+                    raise FatalError(f"the server refused a batch: {err}") from err
+                message = _REQUEST_POSITION.sub("", err.message)
+                failed.append((alive.pop(err.index), f"{err.type}: {message}"))
+                continue
+            except AudioCLIPClientError as err:
+                raise FatalError(str(err)) from err
+            return BatchResult(rows, alive, failed)
+        return BatchResult(empty_rows(), [], failed)
+
+
+# ---------------------------------------------------------------------------- running
+@dataclass
+class Outcome:
+    rows: list[np.ndarray] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def embed_all(sources: list[Source], embedder: Embedder, batch_size: int, progress: bool) -> Outcome:
+    """Every source in order, in batches, reporting failures on stderr as they happen."""
+    outcome = Outcome()
+    with tqdm(total=len(sources), unit="item", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(sources), batch_size):
+            batch = sources[start : start + batch_size]
+            result = embedder.embed([s.item for s in batch])
+            outcome.rows.append(np.asarray(result.rows, dtype=np.float32))
+            outcome.labels += [batch[i].label for i in result.kept]
+            for i, message in sorted(result.failed):
+                outcome.errors.append((batch[i].label, message))
+                tqdm.write(f"audioclip-embed: skipped {batch[i].label}: {message}", file=sys.stderr)
+            bar.update(len(batch))
+    return outcome
+
+
+def sidecars(out: Path) -> tuple[Path, Path]:
+    """``OUT.txt`` (row sources) and ``OUT.errors.txt`` (skipped items)."""
+    return out.with_suffix(".txt"), out.with_suffix(".errors.txt")
+
+
+def write_outputs(out: Path, outcome: Outcome) -> None:
+    """The matrix, its row sources and the skipped items; a stale errors file from an earlier run
+    is removed so it cannot be mistaken for this run's."""
+    rows = np.concatenate([empty_rows(), *outcome.rows])
+    assert len(rows) == len(outcome.labels), "every row has exactly one source"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, rows.astype(np.float32, copy=False), allow_pickle=False)
+    sources_path, errors_path = sidecars(out)
+    sources_path.write_text("".join(f"{label}\n" for label in outcome.labels), encoding="utf-8")
+    if outcome.errors:
+        lines = (f"{label}\t{' '.join(message.split())}\n" for label, message in outcome.errors)
+        errors_path.write_text("".join(lines), encoding="utf-8")
+    else:
+        errors_path.unlink(missing_ok=True)
+
+
+def make_embedder(args: argparse.Namespace) -> tuple[Embedder, Callable[[], None]]:
+    """The service or the in-process model, and how to release it."""
+    if args.server:
+        from .client import AudioCLIPClient
+
+        client = AudioCLIPClient(args.server, api_key=args.api_key, timeout=args.timeout)
+        return RemoteEmbedder(client, args.modality, args.normalize, args.truncate), client.close
+    model = load_model(args.checkpoint, args.modality, args.device)
+    return LocalEmbedder(model, args.modality, args.normalize, args.truncate), lambda: None
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse outputs that would overwrite the input (``texts.txt -o texts.npy``)."""
+    if args.output.suffix != ".npy":
+        raise FatalError(f"the output must end with .npy, got {args.output}")
+    source = args.input.resolve()
+    for path in (args.output, *sidecars(args.output)):
+        if path.resolve() == source:
+            raise FatalError(f"{path} would overwrite the input; choose another -o")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="audioclip-embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("modality", choices=MODALITIES, help="what INPUT holds")
+    p.add_argument("input", type=Path, help="a folder (images, audio) or a UTF-8 text file (text)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the .npy to write")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--server", help="base URL of audioclip-serve, e.g. http://127.0.0.1:8000")
+    where.add_argument(
+        "--checkpoint",
+        default=os.environ.get("AUDIOCLIP_CHECKPOINT", DEFAULT_CHECKPOINT),
+        help="in-process model: a .pt/.safetensors path or synthetic:NAME (default: %(default)s)",
+    )
+    p.add_argument("--device", default="cpu", help="in-process model: cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument(
+        "--batch-size", type=int, help="items per batch/request (default: 16 images, 8 audio, 64 text)"
+    )
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each row")
+    p.add_argument(
+        "--truncate", action="store_true", help="cut texts over 77 tokens instead of skipping them"
+    )
+    p.add_argument(
+        "--api-key", default=os.environ.get("AUDIOCLIP_API_KEY"), help="with --server (env AUDIOCLIP_API_KEY)"
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="with --server: seconds per request")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.modality]
+    if batch_size < 1:
+        print("audioclip-embed: error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        check_paths(args)
+        sources = collect(args.modality, args.input)
+        if not sources:
+            raise FatalError(f"no {args.modality} inputs found in {args.input}")
+        embedder, close = make_embedder(args)
+        try:
+            outcome = embed_all(sources, embedder, batch_size, args.progress)
+        finally:
+            close()
+    except FatalError as err:
+        print(f"audioclip-embed: error: {err}", file=sys.stderr)
+        return 2
+    write_outputs(args.output, outcome)
+    print(
+        f"audioclip-embed: wrote {len(outcome.labels)} rows to {args.output}"
+        + (f"; skipped {len(outcome.errors)} (see {sidecars(args.output)[1]})" if outcome.errors else ""),
+        file=sys.stderr,
+    )
+    return 1 if outcome.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
