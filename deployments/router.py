@@ -7,11 +7,13 @@ of at most a tower's batch size, and calls the towers through handles.
 
 import asyncio
 import contextlib
+import contextvars
 import hmac
 import io
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,12 +49,42 @@ from .http_errors import (
 from .settings import AppArgs, Limits
 
 logger = logging.getLogger("ray.serve")
+# Per-request timings (ms) for the x-*-time response headers; tasks spawned by gather share the dict.
+_TIMINGS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("timings", default=None)
+
+
+def _record(key: str, ms: float, combine: Callable[[float, float], float] = max) -> None:
+    timings = _TIMINGS.get()
+    if timings is not None:
+        timings[key] = combine(timings.get(key, 0.0), ms)
+
+
 EMBED_DIM = 1024
 api = FastAPI(title="audioclip-serve", docs_url="/docs", redoc_url=None)
 
 
+class RouterMetrics:
+    """Prometheus metrics of the router (``ray_audioclip_*``), created inside the replica."""
+
+    def __init__(self) -> None:
+        self.rejected = metrics.Counter(
+            "audioclip_rejected_requests", description="Requests refused, by error type.", tag_keys=("type",)
+        )
+        self.preprocess_ms = metrics.Histogram(
+            "audioclip_preprocess_ms",
+            description="Decoding time of a request's items in the router (ms).",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("modality",),
+        )
+
+
+_METRICS: list[RouterMetrics] = []  # set by the Router replica; the handlers below are module level
+
+
 @api.exception_handler(ServiceError)
 async def _service_error(_: Request, err: ServiceError) -> Response:
+    if _METRICS:
+        _METRICS[0].rejected.inc(tags={"type": err.type})
     return err.response()
 
 
@@ -80,6 +113,19 @@ def _unwrap(err: InvalidInputError) -> InvalidInputError:
     """The library error itself, not Ray's wrapper around it (whose text holds a traceback)."""
     cause = getattr(err, "cause", None)
     return cause if isinstance(cause, InvalidInputError) else err
+
+
+def _timing_headers() -> dict[str, str]:
+    """``x-total-time`` (in the router), ``x-preprocess-time`` (decoding), ``x-queue-time`` (waiting
+    for a batch) and ``x-inference-time`` (the batch's forward), in milliseconds. The proxy adds
+    ``x-request-id``."""
+    timings = _TIMINGS.get() or {}
+    headers = {
+        f"x-{key}-time": f"{timings.get(key, 0.0):.2f}" for key in ("preprocess", "queue", "inference")
+    }
+    if "start" in timings:
+        headers["x-total-time"] = f"{(time.perf_counter() - timings['start']) * 1000:.2f}"
+    return headers
 
 
 def _count_tokens(texts: list[str]) -> int:
@@ -139,6 +185,7 @@ class Router:
         self.tower_handles = towers
         self.pool = ThreadPoolExecutor(self.args.router.decode_threads, thread_name_prefix="decode")
         self.inflight = 0
+        _METRICS[:] = [RouterMetrics()]
         self._scales: dict[str, float] | None = None
         keys = list(self.args.router.api_keys)
         if self.args.router.api_key_env and os.environ.get(self.args.router.api_key_env):
@@ -167,10 +214,12 @@ class Router:
             retry = str(self.args.router.retry_after_s)
             raise Overloaded("the service is at capacity; retry later", headers={"Retry-After": retry})
         self.inflight += 1
+        token = _TIMINGS.set({"start": time.perf_counter()})
         try:
             yield
         finally:
             self.inflight -= 1
+            _TIMINGS.reset(token)
 
     # ------------------------------------------------------------------ handle API
     async def embed_text(
@@ -182,12 +231,12 @@ class Router:
 
     async def embed_image(self, images: Sequence[Any], normalize: bool = False) -> np.ndarray:
         """Images as encoded bytes or HWC uint8 arrays -> ``[N, 1024]`` float32."""
-        crops = await self._decode_all(self._decode_image, list(images))
+        crops = await self._decode_all(self._decode_image, list(images), "image")
         return await self._embed("image", crops, {}, normalize)
 
     async def embed_audio(self, clips: Sequence[Any], normalize: bool = False) -> np.ndarray:
         """Clips as encoded bytes or ``(array, sample_rate)`` pairs -> ``[N, 1024]`` float32."""
-        decoded = await self._decode_all(self._decode_audio, list(clips))
+        decoded = await self._decode_all(self._decode_audio, list(clips), "audio")
         return await self._embed("audio", decoded, {}, normalize)
 
     def stats(self) -> dict:
@@ -251,7 +300,8 @@ class Router:
                 items = [hi.decode_base64(v, i) for i, v in enumerate(req.inputs)]
                 embed = self.embed_image if req.modality == "image" else self.embed_audio
                 embeddings = await self._http(embed(items, normalize=True))
-            return JSONResponse(openai_compat.embeddings_response(req, embeddings, tokens))
+            body = openai_compat.embeddings_response(req, embeddings, tokens)
+            return JSONResponse(body, headers=_timing_headers())
 
     @api.post("/v1/rank")
     async def http_rank(self, request: Request) -> Response:
@@ -267,7 +317,9 @@ class Router:
                 return await self.rank(_decode_rank_item(query, None), decoded, top_k)
 
             results = await self._http(work())
-            return JSONResponse({"model": self.args.model_name, "results": results})
+            return JSONResponse(
+                {"model": self.args.model_name, "results": results}, headers=_timing_headers()
+            )
 
     async def rank(self, query: dict, candidates: Sequence[dict], top_k: int | None = None) -> list[dict]:
         """``query`` and ``candidates`` are ``{"text": str}``, ``{"image": bytes}`` or ``{"audio": bytes}``.
@@ -411,7 +463,9 @@ class Router:
             return load_audio(item[0], sample_rate=item[1], max_seconds=self.limits.max_audio_seconds)
         return load_audio(item, max_seconds=self.limits.max_audio_seconds)
 
-    async def _decode_all(self, decode: Callable[[Any], np.ndarray], items: list) -> list[np.ndarray]:
+    async def _decode_all(
+        self, decode: Callable[[Any], np.ndarray], items: list, modality: str
+    ) -> list[np.ndarray]:
         if len(items) > self.limits.max_items:
             raise InvalidInputError(
                 f"{len(items)} items is over the limit of {self.limits.max_items}", reason="too_many_items"
@@ -424,7 +478,12 @@ class Router:
             except InvalidInputError as err:
                 raise err.at_index(index) from None
 
-        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        started = time.perf_counter()
+        decoded = list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        _record("preprocess", elapsed_ms)
+        _METRICS[0].preprocess_ms.observe(elapsed_ms, tags={"modality": modality})
+        return decoded
 
     async def _embed(self, tower: str, items: list, options: dict, normalize: bool) -> np.ndarray:
         if tower not in self.tower_handles:
@@ -439,7 +498,10 @@ class Router:
 
         async def call(start: int) -> np.ndarray:
             try:
-                return await handle.embed.remote(items[start : start + chunk], options)
+                embeddings, timings = await handle.embed_timed.remote(items[start : start + chunk], options)
+                _record("queue", timings["queue_ms"])
+                _record("inference", timings["inference_ms"])
+                return embeddings
             except InvalidInputError as err:
                 err = _unwrap(err)
                 raise err.at_index(start + (err.index or 0)) from None
@@ -474,7 +536,7 @@ class Router:
         if hi.NPY in request.headers.get("accept", ""):
             buf = io.BytesIO()
             np.save(buf, embeddings, allow_pickle=False)
-            return Response(buf.getvalue(), media_type=hi.NPY)
+            return Response(buf.getvalue(), media_type=hi.NPY, headers=_timing_headers())
         body = {
             "model": self.args.model_name,
             "modality": modality,
@@ -482,4 +544,4 @@ class Router:
             "normalized": normalize,
             "embeddings": embeddings.tolist(),
         }
-        return JSONResponse(body)
+        return JSONResponse(body, headers=_timing_headers())

@@ -21,6 +21,7 @@ import numpy as np
 import ray
 import torch
 from ray import serve
+from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from audioclip import AudioCLIP, InvalidInputError
@@ -86,6 +87,42 @@ def mapping_of(address: int) -> dict[str, Any]:
     return found or {}
 
 
+_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+
+
+class TowerMetrics:
+    """Prometheus metrics of a tower replica (exported by Ray's metrics agent as ``ray_audioclip_*``).
+    Created inside the replica: Serve tags them with the deployment, replica and application."""
+
+    def __init__(self, modality: str) -> None:
+        self.tags = {"modality": modality}
+        self.items = metrics.Counter(
+            "audioclip_items_embedded", description="Items embedded.", tag_keys=("modality",)
+        )
+        self.batch_size = metrics.Histogram(
+            "audioclip_batch_size",
+            description="Items per forward pass.",
+            boundaries=_BATCH_BOUNDARIES,
+            tag_keys=("modality",),
+        )
+        self.forward_ms = metrics.Histogram(
+            "audioclip_forward_ms",
+            description="Batch preparation and forward time (ms).",
+            boundaries=_MS_BOUNDARIES,
+            tag_keys=("modality",),
+        )
+
+    def observe(self, requests: list, results: list, elapsed_ms: float) -> None:
+        done = sum(
+            len(r[0]) for r, out in zip(requests, results, strict=True) if not isinstance(out, Exception)
+        )
+        if done:
+            self.items.inc(done, tags=self.tags)
+            self.batch_size.observe(done, tags=self.tags)
+            self.forward_ms.observe(elapsed_ms, tags=self.tags)
+
+
 class TowerBase:
     """Loads its tower from the weight store, warms up, and batches ``embed`` calls."""
 
@@ -111,6 +148,7 @@ class TowerBase:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
         self._internal_failures = 0
+        self.metrics = TowerMetrics(self.tower)
         self.reconfigure(settings)
         await self.embed(self.warmup_items(), {})
         self._batch_sizes.clear()
@@ -134,12 +172,22 @@ class TowerBase:
     # ------------------------------------------------------------------ public methods
     async def embed(self, items: Sequence[Any], options: dict | None = None) -> np.ndarray:
         """Embed one request's items: ``[len(items), 1024]`` float32, unnormalised."""
+        embeddings, _ = await self.embed_timed(items, options)
+        return embeddings
+
+    async def embed_timed(self, items: Sequence[Any], options: dict | None = None) -> tuple[np.ndarray, dict]:
+        """``embed`` plus where the time went: ``queue_ms`` (waiting for a batch to start) and
+        ``inference_ms`` (the batch's preparation and forward)."""
         if len(items) == 0:
-            return np.zeros((0, self.model.config.embed_dim), dtype=np.float32)
-        result = await self._embed_batch((items, options or {}))
+            return np.zeros((0, self.model.config.embed_dim), dtype=np.float32), {
+                "queue_ms": 0.0,
+                "inference_ms": 0.0,
+            }
+        arrived = time.perf_counter()
+        result, started, finished = await self._embed_batch((items, options or {}))
         if isinstance(result, Exception):
             raise result
-        return result
+        return result, {"queue_ms": (started - arrived) * 1000, "inference_ms": (finished - started) * 1000}
 
     def ready(self) -> bool:
         return True
@@ -169,9 +217,15 @@ class TowerBase:
 
     # ------------------------------------------------------------------ batching
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_items)
-    async def _embed_batch(self, requests: list[Request]) -> list[np.ndarray | Exception]:
+    async def _embed_batch(
+        self, requests: list[Request]
+    ) -> list[tuple[np.ndarray | Exception, float, float]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_batch, requests)
+        started = time.perf_counter()
+        results = await loop.run_in_executor(self._executor, self._run_batch, requests)
+        finished = time.perf_counter()
+        self.metrics.observe(requests, results, (finished - started) * 1000)
+        return [(result, started, finished) for result in results]
 
     def _run_batch(self, requests: list[Request]) -> list[np.ndarray | Exception]:
         prepared: list[list | Exception] = []

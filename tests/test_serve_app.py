@@ -641,3 +641,42 @@ def test_weight_store_killed_towers_keep_serving_and_reload(app_url, client, mod
     jpeg = (INPUTS / "rocket.jpg").read_bytes()
     served = _embeddings(client.post("/v1/embed/image", content=jpeg, headers={"content-type": "image/jpeg"}))
     _assert_same(served, model.encode_image(audioclip.preprocess_image(jpeg)[None]), 0.99999)
+
+
+# ---------------------------------------------------------------------------- observability
+def test_timing_headers_and_request_id(client):
+    r = client.post(
+        "/v1/embed/image",
+        content=(INPUTS / "rocket.jpg").read_bytes(),
+        headers={"content-type": "image/jpeg", "x-request-id": "trace-me-42"},
+    )
+    assert r.status_code == 200
+    assert r.headers["x-request-id"] == "trace-me-42"
+    timings = {k: float(r.headers[f"x-{k}-time"]) for k in ("total", "preprocess", "queue", "inference")}
+    assert timings["inference"] > 0 and timings["preprocess"] > 0
+    assert timings["total"] >= timings["inference"] + timings["queue"]
+
+
+def test_prometheus_metrics_are_exported(client):
+    for _ in range(3):
+        client.post("/v1/embed/text", json={"texts": ["metrics please"]})
+    client.post("/v1/embed/text", json={"texts": "not a list"})
+    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+    wanted = (
+        "ray_audioclip_items_embedded",
+        "ray_audioclip_batch_size_bucket",
+        "ray_audioclip_forward_ms_bucket",
+        "ray_audioclip_rejected_requests",
+        "ray_audioclip_preprocess_ms_bucket",
+    )
+    found: set[str] = set()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and len(found) < len(wanted):
+        for port in ports:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            except httpx.HTTPError:
+                continue
+            found |= {name for name in wanted if name in text}
+        time.sleep(3)
+    assert found == set(wanted), f"missing: {set(wanted) - found}"

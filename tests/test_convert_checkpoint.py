@@ -1,0 +1,143 @@
+"""scripts/convert_checkpoint.py run as a user runs it, on the synthetic checkpoint in release format."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
+
+import pytest
+import torch
+from conftest import INPUTS, max_rel
+
+import audioclip
+from audioclip.checkpoint import LOGIT_SCALE_KEYS, file_sha256, tower_of
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"
+TEXTS = ["a dog barking", "rain on a tin roof", ""]
+
+
+def run_script(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+
+
+class Converted(NamedTuple):
+    files: dict[str, Path]  # "all", "image", "text", "audio"
+    stdout: str
+
+
+@pytest.fixture(scope="module")
+def converted(shared_checkpoint, tmp_path_factory) -> Converted:
+    """The shared synthetic checkpoint converted once, with per-tower files."""
+    out = tmp_path_factory.mktemp("converted") / "audioclip.safetensors"
+    result = run_script(shared_checkpoint, out, "--per-tower")
+    assert result.returncode == 0, result.stderr
+    towers = {t: out.with_name(f"audioclip-{t}.safetensors") for t in ("image", "text", "audio")}
+    return Converted({"all": out, **towers}, result.stdout)
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> dict[str, torch.Tensor]:
+    """Inputs and the ``.pt`` model's embeddings of them, computed once (the audio tower is slow)."""
+    clip = audioclip.load_audio(INPUTS / "chord_44k.wav")[:, : audioclip.SAMPLE_RATE // 2]
+    inputs = {
+        "clip": torch.from_numpy(clip)[None],
+        "pixels": audioclip.preprocess_image((INPUTS / "rocket.jpg").read_bytes())[None],
+    }
+    return {
+        **inputs,
+        "text": model.encode_text(TEXTS),
+        "audio": model.encode_audio(inputs["clip"]),
+        "image": model.encode_image(inputs["pixels"]),
+    }
+
+
+def test_prints_the_sha256_of_every_file_written(converted):
+    lines = converted.stdout.strip().splitlines()
+    paths = [converted.files[k] for k in ("all", "image", "text", "audio")]
+    assert lines == [f"{file_sha256(p)}  {p}" for p in paths]
+    assert not list(paths[0].parent.glob(".*partial*")), "temporary files were left behind"
+
+
+def test_keys_and_tensors_are_the_checkpoints(converted, shared_checkpoint):
+    source = audioclip.read_state_dict(shared_checkpoint)
+    written = audioclip.read_state_dict(converted.files["all"])
+    assert set(written) == set(source)
+    assert all(torch.equal(written[k], source[k]) and written[k].dtype == source[k].dtype for k in source)
+    for tower in ("image", "text", "audio"):
+        part = audioclip.read_state_dict(converted.files[tower])
+        assert set(part) == {k for k in source if tower_of(k) in (tower, "scales")}
+        assert set(LOGIT_SCALE_KEYS) <= set(part)
+
+
+def test_safetensors_model_embeds_like_the_pt_model(converted, reference):
+    loaded = audioclip.AudioCLIP.from_checkpoint(converted.files["all"])
+    assert torch.equal(loaded.encode_text(TEXTS), reference["text"])
+    assert torch.equal(loaded.encode_image(reference["pixels"]), reference["image"])
+    # The audio tower's oneDNN convolutions take another code path on the memory-mapped
+    # safetensors tensors (only 4-byte aligned in the file) than on torch.load's 64-byte aligned
+    # ones, so its output differs in the last bits; on aligned copies of the same weights it is
+    # bit-identical, which shows the weights themselves are.
+    audio = loaded.encode_audio(reference["clip"])
+    assert max_rel(audio.numpy(), reference["audio"].numpy()) < 1e-5
+    weights = audioclip.read_state_dict(converted.files["audio"])
+    aligned = audioclip.AudioCLIP.from_state_dict(
+        {k: v.clone() for k, v in weights.items()}, towers=("audio",)
+    )
+    assert torch.equal(aligned.encode_audio(reference["clip"]), reference["audio"])
+
+
+def test_per_tower_file_builds_its_tower_only(converted, reference):
+    text = audioclip.AudioCLIP.from_checkpoint(converted.files["text"], towers=("text",))
+    assert text.towers == ("text",)
+    assert torch.equal(text.encode_text(TEXTS), reference["text"])
+    with pytest.raises(audioclip.CheckpointError, match="missing keys"):
+        audioclip.AudioCLIP.from_checkpoint(converted.files["text"], towers=("image",))
+
+
+def test_a_checkpoint_missing_a_key_is_refused_by_name(shared_checkpoint, tmp_path):
+    state_dict = torch.load(shared_checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    del state_dict["visual.layer2.0.conv1.weight"]
+    broken = tmp_path / "broken.pt"
+    torch.save(state_dict, broken)
+    out = tmp_path / "broken.safetensors"
+    result = run_script(broken, out, "--per-tower")
+    assert result.returncode == 1
+    assert "does not load strictly" in result.stderr and "visual.layer2.0.conv1.weight" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".*"))
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_verification_catches_a_single_changed_bit(tmp_path):
+    """The verifier itself must be able to fail: one flipped bit, a NaN payload, -0.0 vs 0.0."""
+    script = _load_script()
+    source = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "scale": torch.tensor(0.0)}
+    path = tmp_path / "ok.safetensors"
+    script.write_verified(source, path, {})
+    script.verify(path, source)  # identical: passes
+    flipped = source["a"].clone()
+    flipped.view(torch.int32)[1, 2] ^= 1
+    with pytest.raises(script.ConversionError, match="a: values differ"):
+        script.verify(path, {**source, "a": flipped})
+    with pytest.raises(script.ConversionError, match="scale: values differ"):
+        script.verify(path, {**source, "scale": torch.tensor(-0.0)})
+    with pytest.raises(script.ConversionError, match="missing key extra"):
+        script.verify(path, {**source, "extra": torch.zeros(1)})
+    nan_a = torch.tensor([float("nan")])
+    nan_b = nan_a.clone()
+    nan_b.view(torch.int32)[0] ^= 1
+    assert script.bits_equal(nan_a, nan_a.clone()) and not script.bits_equal(nan_a, nan_b)
