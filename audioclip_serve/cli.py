@@ -11,7 +11,7 @@ that cannot be used (undecodable file, text over 77 tokens without ``--truncate`
 stderr, listed in ``OUT.errors.txt`` and skipped; the exit status is then 1. Exit status 2 means
 nothing was written (bad arguments, no inputs, checkpoint or server unusable).
 
-With ``--server`` the running service does the work through :class:`AudioCLIPClient`; otherwise the
+With ``--server`` the running service does the work (through AudioCLIPClient); otherwise the
 model runs here (``--checkpoint PATH`` or ``synthetic:NAME``; default ``$AUDIOCLIP_CHECKPOINT`` or
 ``.cache/AudioCLIP-Full-Training.pt``), building only the one tower it needs.
 """

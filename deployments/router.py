@@ -49,12 +49,20 @@ from .http_errors import (
 from .settings import AppArgs, Limits
 
 logger = logging.getLogger("ray.serve")
-# Per-request timings (ms) for the x-*-time response headers; tasks spawned by gather share the dict.
-_TIMINGS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("timings", default=None)
+# Process state created on first use inside the replica: Serve pickles this module's functions
+# with the ASGI app, and a ContextVar or a metric object cannot be pickled.
+_LAZY: dict[str, Any] = {}
+
+
+def _timings_var() -> contextvars.ContextVar:
+    """Per-request timings (ms) for the x-*-time headers; tasks spawned by gather share the dict."""
+    if "timings" not in _LAZY:
+        _LAZY["timings"] = contextvars.ContextVar("audioclip_timings", default=None)
+    return _LAZY["timings"]
 
 
 def _record(key: str, ms: float, combine: Callable[[float, float], float] = max) -> None:
-    timings = _TIMINGS.get()
+    timings = _timings_var().get()
     if timings is not None:
         timings[key] = combine(timings.get(key, 0.0), ms)
 
@@ -78,13 +86,8 @@ class RouterMetrics:
         )
 
 
-_METRICS: list[RouterMetrics] = []  # set by the Router replica; the handlers below are module level
-
-
 @api.exception_handler(ServiceError)
 async def _service_error(_: Request, err: ServiceError) -> Response:
-    if _METRICS:
-        _METRICS[0].rejected.inc(tags={"type": err.type})
     return err.response()
 
 
@@ -119,7 +122,7 @@ def _timing_headers() -> dict[str, str]:
     """``x-total-time`` (in the router), ``x-preprocess-time`` (decoding), ``x-queue-time`` (waiting
     for a batch) and ``x-inference-time`` (the batch's forward), in milliseconds. The proxy adds
     ``x-request-id``."""
-    timings = _TIMINGS.get() or {}
+    timings = _timings_var().get() or {}
     headers = {
         f"x-{key}-time": f"{timings.get(key, 0.0):.2f}" for key in ("preprocess", "queue", "inference")
     }
@@ -185,7 +188,7 @@ class Router:
         self.tower_handles = towers
         self.pool = ThreadPoolExecutor(self.args.router.decode_threads, thread_name_prefix="decode")
         self.inflight = 0
-        _METRICS[:] = [RouterMetrics()]
+        self.metrics = RouterMetrics()
         self._scales: dict[str, float] | None = None
         keys = list(self.args.router.api_keys)
         if self.args.router.api_key_env and os.environ.get(self.args.router.api_key_env):
@@ -208,18 +211,25 @@ class Router:
     def admitted(self, request: Request | None = None):
         """Admission control: past ``max_inflight`` requests, answer 503 with Retry-After at once
         instead of queueing without bound (a JSON body, unlike the proxy's own backpressure)."""
-        if request is not None:
-            self.authorize(request)
-        if self.inflight >= self.args.router.max_inflight:
-            retry = str(self.args.router.retry_after_s)
-            raise Overloaded("the service is at capacity; retry later", headers={"Retry-After": retry})
+        try:
+            if request is not None:
+                self.authorize(request)
+            if self.inflight >= self.args.router.max_inflight:
+                retry = str(self.args.router.retry_after_s)
+                raise Overloaded("the service is at capacity; retry later", headers={"Retry-After": retry})
+        except ServiceError as err:
+            self.metrics.rejected.inc(tags={"type": err.type})
+            raise
         self.inflight += 1
-        token = _TIMINGS.set({"start": time.perf_counter()})
+        token = _timings_var().set({"start": time.perf_counter()})
         try:
             yield
+        except ServiceError as err:
+            self.metrics.rejected.inc(tags={"type": err.type})
+            raise
         finally:
             self.inflight -= 1
-            _TIMINGS.reset(token)
+            _timings_var().reset(token)
 
     # ------------------------------------------------------------------ handle API
     async def embed_text(
@@ -482,7 +492,7 @@ class Router:
         decoded = list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
         elapsed_ms = (time.perf_counter() - started) * 1000
         _record("preprocess", elapsed_ms)
-        _METRICS[0].preprocess_ms.observe(elapsed_ms, tags={"modality": modality})
+        self.metrics.preprocess_ms.observe(elapsed_ms, tags={"modality": modality})
         return decoded
 
     async def _embed(self, tower: str, items: list, options: dict, normalize: bool) -> np.ndarray:

@@ -18,6 +18,7 @@ background load hits them alike; each runs at least ``--min-iters`` times and un
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -105,9 +106,12 @@ class Row:
     threads: int
     variant: str
     median_ms: float
+    cpu_ms: float
     iters: int
+    load1: float
     items_per_s: float | None = None
     speedup: float | None = None
+    cpu_speedup: float | None = None
     max_rel_dev: float | None = None
     min_cos: float | None = None
 
@@ -151,24 +155,31 @@ def agreement(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return float(rel), float(F.cosine_similarity(out, ref, dim=-1).min())
 
 
-def time_variants(
-    variants: Sequence[tuple[str, Fn]], budget: Budget
-) -> dict[str, tuple[list[float], torch.Tensor]]:
-    """Per variant: its call times (s) and first output, round-robin so drifting load hits all alike."""
-    outputs = {}
+@dataclass
+class Samples:
+    """One variant's timed calls: wall seconds, this process's CPU seconds, and its first output."""
+
+    wall: list[float]
+    cpu: list[float]
+    output: object = None
+
+
+def time_variants(variants: Sequence[tuple[str, Fn]], budget: Budget) -> dict[str, Samples]:
+    """Time every variant, round-robin in alternating order so drifting load hits them alike."""
+    samples = {name: Samples([], []) for name, _ in variants}
     for name, fn in variants:
         for _ in range(max(budget.warmup, 1)):
-            outputs[name] = fn()
-    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+            samples[name].output = fn()
     deadline = time.perf_counter() + budget.seconds * len(variants)
     for rounds in itertools.count():
         if rounds >= budget.max_iters or (rounds >= budget.min_iters and time.perf_counter() > deadline):
             break
         for name, fn in variants if rounds % 2 == 0 else variants[::-1]:
-            start = time.perf_counter()
+            cpu, wall = time.process_time(), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (times[name], outputs[name]) for name, _ in variants}
+            samples[name].wall.append(time.perf_counter() - wall)
+            samples[name].cpu.append(time.process_time() - cpu)
+    return samples
 
 
 def bench_case(
@@ -177,22 +188,32 @@ def bench_case(
     """Rows for each variant, with speed-up and agreement against the first (baseline) variant."""
     log(f"{tower} | {case} | batch {batch} | {', '.join(name for name, _ in variants)}")
     results = time_variants(variants, budget)
-    base_times, base_out = results[variants[0][0]]
-    base_median = statistics.median(base_times)
-    rows = []
-    for index, (name, (times, out)) in enumerate(results.items()):
-        median = statistics.median(times)
-        row = Row(tower, case, batch, torch.get_num_threads(), name, 1e3 * median, len(times))
+    load1 = os.getloadavg()[0]
+    rows = [
+        Row(
+            tower,
+            case,
+            batch,
+            torch.get_num_threads(),
+            name,
+            median_ms=1e3 * statistics.median(s.wall),
+            cpu_ms=1e3 * statistics.median(s.cpu),
+            iters=len(s.wall),
+            load1=load1,
+        )
+        for name, s in results.items()
+    ]
+    base, base_out = rows[0], results[rows[0].variant].output
+    for row in rows:
+        out = results[row.variant].output
         if batch:
-            row.items_per_s = batch / median
-            row.speedup = base_median / median
-        if index and isinstance(out, torch.Tensor) and out.shape == base_out.shape:
+            row.items_per_s = 1e3 * batch / row.median_ms
+            row.speedup, row.cpu_speedup = base.median_ms / row.median_ms, base.cpu_ms / row.cpu_ms
+        if row is not base and isinstance(out, torch.Tensor) and isinstance(base_out, torch.Tensor):
             row.max_rel_dev, row.min_cos = agreement(out, base_out)
         log(
-            f"    {name}: {row.median_ms:.1f} ms x{row.iters}"
-            + (f", {row.speedup:.2f}x" if row.speedup else "")
+            f"    {row.variant}: {row.median_ms:.1f} ms (cpu {row.cpu_ms:.1f}) x{row.iters}, load {load1:.1f}"
         )
-        rows.append(row)
     return rows
 
 
@@ -288,23 +309,25 @@ def bench_image(
     return rows
 
 
+def encode_image_at(model: AudioCLIP, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """``encode_image`` after ``torch.set_num_threads(threads)``, checking torch took the setting."""
+    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        raise RuntimeError(f"asked torch for {threads} threads, it runs {torch.get_num_threads()}")
+    return model.encode_image(x)
+
+
 def bench_threads(model: AudioCLIP, counts: Sequence[int], budget: Budget) -> list[Row]:
-    """The image batch-8 case (library default path) at each thread count; baseline is the first."""
+    """The image batch-8 case (library default path) at each thread count, round-robin; baseline: first."""
     x = pixels(8)
     before = torch.get_num_threads()
-    rows = []
-    for count in counts:
-        torch.set_num_threads(count)
-        log(f"threads: set {count}, torch reports {torch.get_num_threads()}")
-        row = bench_case(
-            "threads", "image 224 px", 8, [("inference_mode + NCHW", lambda: model.encode_image(x))], budget
-        )
-        row[0].variant = f"{torch.get_num_threads()} thread(s)"
-        rows += row
-    torch.set_num_threads(before)
-    base = rows[0].median_ms
-    for row in rows:
-        row.speedup = base / row.median_ms
+    variants = [(f"{n} thread(s)", functools.partial(encode_image_at, model, x, n)) for n in counts]
+    try:
+        rows = bench_case("threads", "image 224 px, inference_mode + NCHW", 8, variants, budget)
+    finally:
+        torch.set_num_threads(before)
+    for row, n in zip(rows, counts, strict=True):
+        row.threads = n
     return rows
 
 
@@ -334,9 +357,9 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def markdown_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| tower | case | batch | threads | variant | median ms/call | items/s | speed-up "
-        "| max rel dev | min cos |",
-        "|---|---|--:|--:|---|--:|--:|--:|--:|--:|",
+        "| tower | case | batch | threads | variant | wall ms/call | items/s | speed-up "
+        "| CPU ms/call | CPU speed-up | max rel dev | min cos | load |",
+        "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         cells = [
@@ -348,8 +371,11 @@ def markdown_table(rows: Sequence[Row]) -> str:
             _fmt(r.median_ms, ".3g" if r.median_ms < 1 else ".1f"),
             _fmt(r.items_per_s, ".3g"),
             _fmt(r.speedup, ".2f", "x"),
+            _fmt(r.cpu_ms, ".3g" if r.cpu_ms < 1 else ".1f"),
+            _fmt(r.cpu_speedup, ".2f", "x"),
             _fmt(r.max_rel_dev, ".1e"),
             _fmt(r.min_cos, ".6f"),
+            _fmt(r.load1, ".1f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

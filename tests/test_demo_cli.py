@@ -7,6 +7,7 @@ This module must run before any module that starts Ray in the test process (file
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +15,46 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from serve_support import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+
+def readme_snippets() -> list[tuple[str, str]]:
+    """(language, code) of every ``bash`` and ``python`` block of the README, in order."""
+    blocks = re.findall(r"^```(bash|python)\n(.*?)^```", (ROOT / "README.md").read_text(), re.M | re.S)
+    assert len(blocks) >= 6, "the README lost its examples"
+    return blocks
+
+
+def run_readme_snippets(port: int, tmp_path: Path) -> None:
+    """Run the README's examples as a user would, against the demo on ``port``."""
+    for n, (language, code) in enumerate(readme_snippets()):
+        code = code.replace("localhost:8000", f"127.0.0.1:{port}").replace(".venv/bin/python", sys.executable)
+        code = code.replace("-o emb.npy", f"-o {tmp_path / 'emb.npy'}")
+        if language == "bash":
+            cmd = ["bash", "-euo", "pipefail", "-c", code]
+        else:
+            script = tmp_path / f"snippet_{n}.py"
+            script.write_text(code)
+            cmd = [sys.executable, str(script)]
+        result = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert result.returncode == 0, (
+            f"README block {n} ({language}) failed:\n{code}\n{result.stderr[-2000:]}"
+        )
+        assert '"error"' not in result.stdout, f"README block {n} answered an error:\n{result.stdout[:500]}"
+    assert np.load(tmp_path / "emb.npy").shape == (1, 1024)
 
 
 def test_serve_run_demo_config(tmp_path):
@@ -50,6 +85,7 @@ def test_serve_run_demo_config(tmp_path):
         body = r.json()
         assert body["model"] == "audioclip-demo" and len(body["embeddings"][0]) == 1024
         assert httpx.get(f"{url}/v1/models", timeout=60).json()["weights"] == "synthetic"
+        run_readme_snippets(port, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -660,7 +660,7 @@ def test_timing_headers_and_request_id(client):
 def test_prometheus_metrics_are_exported(client):
     for _ in range(3):
         client.post("/v1/embed/text", json={"texts": ["metrics please"]})
-    client.post("/v1/embed/text", json={"texts": "not a list"})
+    assert client.post("/v1/embed/text", json={"texts": "not a list"}).status_code == 400
     ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
     wanted = (
         "ray_audioclip_items_embedded",
