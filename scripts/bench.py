@@ -132,13 +132,19 @@ def _query(rng: random.Random) -> str:
     return " ".join(words)
 
 
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def _sentence(rng: random.Random) -> str:
     text = (
-        f"A {rng.choice(_ADJECTIVES)} {rng.choice(_SOURCES)} {rng.choice(_PLACES)}, {rng.choice(_DETAILS)}, "
-        f"while {rng.choice(_BACKGROUNDS)}"
+        f"{_a(rng.choice(_ADJECTIVES)).capitalize()} {rng.choice(_SOURCES)} {rng.choice(_PLACES)}, "
+        f"{rng.choice(_DETAILS)}, while {rng.choice(_BACKGROUNDS)}"
     )
     if rng.random() < 0.6:
-        text += f" and a {rng.choice(_SOURCES)} can be heard {rng.choice(_PLACES)}"
+        text += f" and {_a(rng.choice(_SOURCES))} can be heard {rng.choice(_PLACES)}"
+    if rng.random() < 0.5:
+        text += f", {rng.choice(_DETAILS)}"
     return text + "."
 
 
@@ -230,6 +236,7 @@ class RawResult:
     median_s: float
     iters: int
     items_per_s: float
+    other_cores: float = 0.0  # CPU used by other processes meanwhile: should be ~0
 
 
 def raw_call(model: Any, modality: str, payload: list) -> Callable[[], Any]:
@@ -284,10 +291,15 @@ def run_raw(inputs: dict[str, list], threads: int, seconds: float, max_call_s: f
             while batches:
                 batch = batches.pop(0)
                 log(f"raw | {name} | batch {batch}")
+                before, t0 = cpu_by_pid(), time.perf_counter()
                 times = time_call(raw_call(model, modality, batch_of(inputs[name], 0, batch)), seconds)
+                other = cores_elsewhere(before, cpu_by_pid(), time.perf_counter() - t0)
                 median = statistics.median(times)
-                results.append(RawResult(name, modality, batch, median, len(times), batch / median))
-                log(f"    {1e3 * median:.1f} ms/call x{len(times)}, {batch / median:.2f} items/s")
+                results.append(RawResult(name, modality, batch, median, len(times), batch / median, other))
+                log(
+                    f"    {1e3 * median:.1f} ms/call x{len(times)}, {batch / median:.2f} items/s"
+                    + (f" (WARNING: other processes used {other:.2f} cores)" if other > 0.15 else "")
+                )
                 if single_s is None:
                     single_s = median
                     batches = raw_batches(single_s, max_call_s)[1:]
@@ -628,12 +640,15 @@ def read_stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def role_of(pid: int, client_pids: set[int]) -> str:
-    """Which part of the system a process is: a Serve deployment, the proxy, the load client, ..."""
+def role_of(pid: int, client_pids: set[int], ours: set[int] | None) -> str:
+    """Which part of the system a process is: a Serve deployment, the proxy, the load client, ...;
+    ``ours``: the processes of the cluster we started (others are "other", e.g. another job)."""
     if pid in client_pids:
         return "load client"
     if pid == os.getpid():
         return "bench driver"
+    if ours is not None and pid not in ours:
+        return "other"
     line = cmdline(pid)
     match = re.search(r"ServeReplica:[^:\s]+:(\w+)", line)
     if match:
@@ -642,33 +657,47 @@ def role_of(pid: int, client_pids: set[int]) -> str:
         return "proxy"
     if "ServeController" in line:
         return "controller"
-    if "ray" in line or "serve run" in line or "gcs_server" in line:
+    if ours is not None or "ray" in line:
         return "ray system"
     return "other"
 
 
-class CpuMeter:
-    """CPU seconds of every process on the machine (utime + stime from /proc), by role."""
+def cpu_by_pid() -> dict[int, float]:
+    """utime + stime (s) of every process on the machine."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            stat = read_stat(int(entry.name))
+            if stat is not None:
+                out[int(entry.name)] = stat[1]
+    return out
 
-    def __init__(self) -> None:
+
+def cores_elsewhere(before: dict[int, float], after: dict[int, float], wall_s: float) -> float:
+    """Cores that processes other than this one kept busy over ``wall_s``."""
+    me = os.getpid()
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items() if pid != me) / wall_s
+
+
+class CpuMeter:
+    """CPU seconds of every process on the machine (utime + stime from /proc), by role. ``root_pid``:
+    the ``serve run`` process, whose descendants are our cluster."""
+
+    def __init__(self, root_pid: int | None) -> None:
+        self.root_pid = root_pid
         self.client_pids: set[int] = set()
         self._roles: dict[int, str] = {}
 
     def snapshot(self) -> dict[int, float]:
-        out = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                stat = read_stat(int(entry.name))
-                if stat is not None:
-                    out[int(entry.name)] = stat[1]
-        return out
+        return cpu_by_pid()
 
     def usage(self, before: dict[int, float], after: dict[int, float], wall_s: float) -> dict[str, float]:
         """Cores busy over ``wall_s``: ``total`` and per role (processes that exited are missed)."""
+        ours = None if self.root_pid is None else {self.root_pid, *descendants(self.root_pid)}
         by_role: Counter = Counter()
         for pid, seconds in after.items():
             if pid not in self._roles:
-                self._roles[pid] = role_of(pid, self.client_pids)
+                self._roles[pid] = role_of(pid, self.client_pids, ours)
             by_role[self._roles[pid]] += seconds - before.get(pid, 0.0)
         out = {role: round(s / wall_s, 3) for role, s in sorted(by_role.items()) if s > 0}
         out["total"] = round(sum(by_role.values()) / wall_s, 3)
@@ -822,8 +851,10 @@ def run_cases(
     url: str,
     ray_address: str | None,
     raw: dict[tuple[str, int], RawResult],
+    root_pid: int | None,
 ) -> list[ServedResult]:
-    meter, stats = CpuMeter(), TowerStats(ray_address)
+    """Every case in order, each on an idle server; skipped cases are reported with their reason."""
+    meter, stats = CpuMeter(root_pid), TowerStats(ray_address)
     workers: dict[str, LoadProcess] = {}
     warmed: set[tuple[str, str]] = set()
     results = []
@@ -873,6 +904,8 @@ def run_cases(
                 case, load, meter.usage(cpu_before, cpu_after, wall), batches[1:] if batches else None
             )
             add_ratios(result, raw)
+            if result.cpu_cores.get("other", 0.0) > 0.15:
+                log(f"    WARNING: other processes used {result.cpu_cores['other']:.2f} cores in this case")
             log(
                 f"    {result.requests} requests in {result.elapsed_s:.1f} s: "
                 f"{result.items_per_s:.2f} items/s, "
@@ -961,11 +994,14 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def raw_table(raw: Sequence[RawResult]) -> str:
-    lines = ["| input | batch | ms/call | items/s | calls |", "|---|--:|--:|--:|--:|"]
+    lines = [
+        "| input | batch | ms/call (median) | items/s | calls | other processes, cores |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
     for r in raw:
         lines.append(
             f"| {r.kind} ({KINDS[r.kind].label}) | {r.batch} | {1e3 * r.median_s:.1f} | "
-            f"{r.items_per_s:.2f} | {r.iters} |"
+            f"{r.items_per_s:.2f} | {r.iters} | {r.other_cores:.2f} |"
         )
     return "\n".join(lines)
 
@@ -1030,7 +1066,8 @@ def plot(results: Sequence[ServedResult], raw: Sequence[RawResult], path: Path) 
     for col, modality in enumerate(modalities):
         top, bottom = axes[0][col], axes[1][col]
         series = sorted(
-            {(r.path, r.kind, r.items) for r in results if r.modality == modality and not r.skipped}
+            {(r.path, r.kind, r.items) for r in results if r.modality == modality and not r.skipped},
+            key=lambda s: (list(KINDS).index(s[1]), s[2], s[0] != "http"),
         )
         kinds = sorted({k for _, k, _ in series}, key=list(KINDS).index)
         for path_name, kind, items in series:
@@ -1093,6 +1130,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_state() -> dict[str, Any]:
+    """The commit benchmarked, and whether the serving code differs from it."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "audioclip", "deployments", "configs").split("\n")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "serving_code_modified": [d for d in dirty if d],
+    }
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -1150,6 +1203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["RAY_AUTH_MODE"] = "disabled"  # for serve run, its cluster and our drivers
     started = time.time()
+    code = git_state()  # at the start: others may edit the tree while this runs
     workdir = Path(tempfile.mkdtemp(prefix="audioclip-bench-"))
     try:
         inputs = make_inputs(args.kinds)
@@ -1167,7 +1221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.start()
             url, ray_address, ready_s = app.url, app.gcs_address(), app.ready_s
         try:
-            served = run_cases(cases, args, inputs_path, inputs, url, ray_address, raw)
+            root_pid = app.proc.pid if app is not None and app.proc is not None else None
+            served = run_cases(cases, args, inputs_path, inputs, url, ray_address, raw, root_pid)
         finally:
             if app is not None:
                 app.stop()
@@ -1175,6 +1230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = evaluate_targets(served, args.kinds, top)
         report = {
             "machine": machine(),
+            "git": code,
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "config": str(args.config) if not args.url else args.url,
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
