@@ -58,14 +58,20 @@ def check_count(items: list, limits: Limits) -> list:
     return items
 
 
-def parse_json(body: bytes, list_field: str, flags: tuple[str, ...], limits: Limits) -> tuple[list, dict]:
-    """``{list_field: [...], flag: bool, ...}`` -> (items, flags). Unknown fields are refused (typos)."""
+def load_json_object(body: bytes) -> dict:
+    """A JSON object body; anything else (invalid, too deep, not an object) is a 400."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as err:
         raise BadRequest(f"body is not valid JSON: {type(err).__name__}") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
+    return data
+
+
+def parse_json(body: bytes, list_field: str, flags: tuple[str, ...], limits: Limits) -> tuple[list, dict]:
+    """``{list_field: [...], flag: bool, ...}`` -> (items, flags). Unknown fields are refused (typos)."""
+    data = load_json_object(body)
     unknown = sorted(set(data) - {list_field, *flags})
     if unknown:
         raise BadRequest(f"unknown field(s) {unknown}; expected {list_field!r} and optional {list(flags)}")

@@ -8,12 +8,12 @@ L2-normalised, as OpenAI's are.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from .http_errors import BadRequest, PayloadTooLarge, ServiceError
+from .http_input import load_json_object
 from .settings import Limits
 
 _FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "modality"}
@@ -32,12 +32,7 @@ class EmbeddingsRequest:
 
 
 def parse_embeddings_request(body: bytes, served_model: str, dim: int, limits: Limits) -> EmbeddingsRequest:
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as err:
-        raise BadRequest(f"body is not valid JSON: {type(err).__name__}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object")
+    data = load_json_object(body)
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise BadRequest(f"unknown field(s) {unknown}")

@@ -10,7 +10,6 @@ import contextlib
 import contextvars
 import hmac
 import io
-import json
 import logging
 import os
 import time
@@ -146,11 +145,8 @@ def _modality_of(item: Any, index: int | None) -> str:
 
 
 def _parse_rank(body: bytes, limits: Limits) -> tuple[Any, list, int | None]:
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as err:
-        raise BadRequest(f"body is not valid JSON: {type(err).__name__}") from None
-    if not isinstance(data, dict) or set(data) - {"query", "candidates", "top_k"}:
+    data = hi.load_json_object(body)
+    if set(data) - {"query", "candidates", "top_k"}:
         raise BadRequest("body must be an object with 'query', 'candidates' and optional 'top_k'")
     if "query" not in data or not isinstance(data.get("candidates"), list):
         raise BadRequest("'query' and a 'candidates' list are required")
@@ -376,26 +372,12 @@ class Router:
             return await self._http_embed_image(request)
 
     async def _http_embed_image(self, request: Request) -> Response:
-        kind = hi.media_type(request)
-        normalize = hi.query_flag(request, "normalize", False)
-        if kind == "multipart/form-data":
-            items: list[Any] = await hi.multipart_files(request, self.limits)
-        else:
-            body = await hi.read_body(request, self.limits)
-            if kind == "application/json":
-                raw, options = hi.parse_json(body, "images", ("normalize",), self.limits)
-                normalize = options["normalize"]
-                items = [hi.decode_base64(v, i) for i, v in enumerate(raw)]
-            elif kind.startswith("image/"):
-                items = [body]
-            elif kind == hi.NPY:
-                items = self._npy_images(hi.load_npy(body), hi.query_flag(request, "preprocess", True))
-            else:
-                raise hi.unsupported(
-                    "images", kind, ("application/json", "multipart/form-data", "image/*", hi.NPY)
-                )
+        def from_npy(array: np.ndarray) -> list:
+            return self._npy_images(array, hi.query_flag(request, "preprocess", True))
+
+        items, normalize = await self._media_items(request, "images", "image/", from_npy)
         if items and isinstance(items[0], np.ndarray) and items[0].dtype == np.float32:
-            embeddings = await self._http(self._embed("image", items, {}, normalize))
+            embeddings = await self._http(self._embed("image", items, {}, normalize))  # preprocess=false
         else:
             embeddings = await self._http(self.embed_image(items, normalize))
         return self._respond(request, "image", embeddings, normalize)
@@ -406,31 +388,36 @@ class Router:
             return await self._http_embed_audio(request)
 
     async def _http_embed_audio(self, request: Request) -> Response:
-        kind = hi.media_type(request)
-        normalize = hi.query_flag(request, "normalize", False)
-        if kind == "multipart/form-data":
-            items: list[Any] = await hi.multipart_files(request, self.limits)
-        else:
-            body = await hi.read_body(request, self.limits)
-            if kind == "application/json":
-                raw, options = hi.parse_json(body, "audio", ("normalize",), self.limits)
-                normalize = options["normalize"]
-                items = [hi.decode_base64(v, i) for i, v in enumerate(raw)]
-            elif kind.startswith("audio/"):
-                items = [body]
-            elif kind == hi.NPY:
-                rate = request.query_params.get("sample_rate")
-                if rate is None or not rate.isdigit() or int(rate) <= 0:
-                    raise BadRequest("an npy audio body needs ?sample_rate=<positive integer Hz>")
-                items = [(hi.load_npy(body), int(rate))]
-            else:
-                raise hi.unsupported(
-                    "audio", kind, ("application/json", "multipart/form-data", "audio/*", hi.NPY)
-                )
+        def from_npy(array: np.ndarray) -> list:
+            rate = request.query_params.get("sample_rate")
+            if rate is None or not rate.isdigit() or int(rate) <= 0:
+                raise BadRequest("an npy audio body needs ?sample_rate=<positive integer Hz>")
+            return [(array, int(rate))]
+
+        items, normalize = await self._media_items(request, "audio", "audio/", from_npy)
         embeddings = await self._http(self.embed_audio(items, normalize))
         return self._respond(request, "audio", embeddings, normalize)
 
     # ------------------------------------------------------------------ internals
+    async def _media_items(
+        self, request: Request, field: str, raw_prefix: str, from_npy: Callable[[np.ndarray], list]
+    ) -> tuple[list, bool]:
+        """Items and the normalize flag of an image or audio request, whatever its content type."""
+        kind = hi.media_type(request)
+        normalize = hi.query_flag(request, "normalize", False)
+        if kind == "multipart/form-data":
+            return await hi.multipart_files(request, self.limits), normalize
+        body = await hi.read_body(request, self.limits)
+        if kind == "application/json":
+            raw, options = hi.parse_json(body, field, ("normalize",), self.limits)
+            return [hi.decode_base64(v, i) for i, v in enumerate(raw)], options["normalize"]
+        if kind.startswith(raw_prefix):
+            return [body], normalize
+        if kind == hi.NPY:
+            return from_npy(hi.load_npy(body)), normalize
+        accepted = ("application/json", "multipart/form-data", f"{raw_prefix}*", hi.NPY)
+        raise hi.unsupported(field, kind, accepted)
+
     def _check_texts(self, texts: Any) -> list[str]:
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise InvalidInputError("texts must be a list of strings", reason="bad_type")

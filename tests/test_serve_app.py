@@ -343,20 +343,30 @@ def test_batch_settings_change_live_without_restart(app_url):
 
 
 # ---------------------------------------------------------------------------- overload
-def test_overload_gets_503_with_retry_after_and_recovers(app_url):
+@pytest.fixture(scope="module")
+def guarded_url(app_url):
+    """A second, text-only application with an API key and a tiny admission limit."""
     args = {
         **TEST_ARGS,
-        "model_name": "audioclip-overload",
+        "model_name": "audioclip-guarded",
         "towers": ["text"],
         "text": {"num_cpus": 0, "max_batch_size": 4, "batch_wait_timeout_s": 0.5},
-        "router": {"num_cpus": 0, "max_inflight": 2},
+        "router": {"num_cpus": 0, "max_inflight": 2, "api_keys": ["s3cret-key"]},
     }
-    serve.run(build_app(args), name="overload", route_prefix="/overload")
-    wait_ready(f"{app_url}/overload")
+    serve.run(build_app(args), name="guarded", route_prefix="/guarded")
+    url = f"{app_url}/guarded"
+    wait_ready(url)
+    yield url
+    serve.delete("guarded")
 
+
+AUTH = {"authorization": "Bearer s3cret-key"}
+
+
+def test_overload_gets_503_with_retry_after_and_recovers(guarded_url):
     async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=app_url, timeout=120) as c:
-            calls = [c.post("/overload/v1/embed/text", json={"texts": [f"text {i}"]}) for i in range(16)]
+        async with httpx.AsyncClient(base_url=guarded_url, timeout=120, headers=AUTH) as c:
+            calls = [c.post("/v1/embed/text", json={"texts": [f"text {i}"]}) for i in range(16)]
             return await asyncio.gather(*calls)
 
     responses = asyncio.run(burst())
@@ -366,9 +376,21 @@ def test_overload_gets_503_with_retry_after_and_recovers(app_url):
     assert rejected and all(r.status_code in (200, 503) for r in responses), statuses
     for r in rejected:
         assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
-    after = httpx.post(f"{app_url}/overload/v1/embed/text", json={"texts": ["calm again"]}, timeout=60)
+    after = httpx.post(f"{guarded_url}/v1/embed/text", json={"texts": ["calm"]}, headers=AUTH, timeout=60)
     assert after.status_code == 200
-    serve.delete("overload")
+
+
+def test_api_key_authentication(guarded_url):
+    assert httpx.get(f"{guarded_url}/readyz", timeout=60).status_code == 200  # probes stay open
+    body = {"texts": ["hello"]}
+    assert httpx.post(f"{guarded_url}/v1/embed/text", json=body, timeout=60).status_code == 401
+    wrong = httpx.post(
+        f"{guarded_url}/v1/embed/text", json=body, headers={"authorization": "Bearer nope"}, timeout=60
+    )
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+    assert "s3cret" not in wrong.text
+    assert httpx.post(f"{guarded_url}/v1/embed/text", json=body, headers=AUTH, timeout=60).status_code == 200
+    assert httpx.get(f"{guarded_url}/v1/models", timeout=60).status_code == 401
 
 
 # ---------------------------------------------------------------------------- OpenAI API and ranking
@@ -445,32 +467,6 @@ def test_rank_sound_against_labels_and_images(client, model):
     assert len(client.post("/v1/rank", json=body).json()["results"]) == 1
     bad = {"query": {"text": "x"}, "candidates": [{"text": "ok"}, {"video": "no"}]}
     _error(client.post("/v1/rank", json=bad), 422, 1)
-
-
-def test_api_key_authentication(app_url):
-    args = {
-        **TEST_ARGS,
-        "model_name": "audioclip-secured",
-        "towers": ["text"],
-        "router": {"num_cpus": 0, "api_keys": ["s3cret-key"]},
-    }
-    serve.run(build_app(args), name="secured", route_prefix="/secured")
-    url = f"{app_url}/secured"
-    assert httpx.get(f"{url}/readyz", timeout=60).status_code in (200, 503)  # probes stay open
-    wait_ready(url)
-    body = {"texts": ["hello"]}
-    assert httpx.post(f"{url}/v1/embed/text", json=body, timeout=60).status_code == 401
-    wrong = httpx.post(
-        f"{url}/v1/embed/text", json=body, headers={"authorization": "Bearer nope"}, timeout=60
-    )
-    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
-    assert "s3cret" not in wrong.text
-    ok = httpx.post(
-        f"{url}/v1/embed/text", json=body, headers={"authorization": "Bearer s3cret-key"}, timeout=60
-    )
-    assert ok.status_code == 200
-    assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401
-    serve.delete("secured")
 
 
 # ---------------------------------------------------------------------------- fuzzing
