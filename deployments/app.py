@@ -43,7 +43,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             },
         )
         # Only what needs a restart goes to the constructor; batching changes live via user_config.
-        tower_args = {"num_gpus": tower.num_gpus, "dtype": tower.dtype, "torch_threads": tower.torch_threads}
+        tower_args = {
+            "num_gpus": tower.num_gpus,
+            "dtype": tower.dtype,
+            "torch_threads": tower.torch_threads,
+            "channels_last": tower.channels_last,
+        }
         towers[name] = deployment.bind(store, tower_args, model_options)
     router = settings.router
     return Router.options(

@@ -22,6 +22,9 @@ class TowerSettings(_Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources (placement)")
     threads: int | None = Field(None, ge=1, description="torch threads; default: the replica's CPU share")
     dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    channels_last: bool | None = Field(
+        None, description="NHWC conv weights; default: on for audio (1.3-1.4x on CPU), and for image on GPU"
+    )
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 x max_batch_size")

@@ -144,6 +144,13 @@ class TowerBase:
             dtype=settings.get("dtype"),
             audio_norm=model_options.get("audio_norm", "running"),
         )
+        channels_last = settings.get("channels_last")
+        if (
+            channels_last is None
+        ):  # measured: audio 1.3-1.4x on CPU, image 1.05x (not worth 90 MiB per replica)
+            channels_last = self.tower == "audio" or (self.tower == "image" and self.device == "cuda")
+        if channels_last and self.tower in ("image", "audio"):
+            self.model.use_channels_last(True)
         self.model_options = model_options
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
@@ -198,6 +205,7 @@ class TowerBase:
             "device": self.device,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
+            "channels_last": self.model.channels_last,
             "load_seconds": round(self.load_seconds, 3),
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),

@@ -133,3 +133,13 @@ def test_fbsp_filter_bank_is_cached_and_follows_its_parameters(shared_weights):
         assert second is not first
         fresh = fbsp.complex_weights()
     assert torch.equal(second[0], fresh[0]) and torch.equal(second[1], fresh[1])
+
+
+def test_channels_last_audio_and_image_agree_with_nchw(shared_weights, golden):
+    nchw = audioclip.AudioCLIP.from_state_dict(shared_weights, towers=("image", "audio"))
+    nhwc = audioclip.AudioCLIP.from_state_dict(shared_weights, towers=("image", "audio")).use_channels_last()
+    assert nhwc.audio.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    clip = torch.from_numpy(golden["audio_input_0"][:, :44100])[None]
+    assert _close(nhwc.encode_audio(clip), nchw.encode_audio(clip), rel=1e-4)
+    pixels = torch.from_numpy(golden["image_input"][:1])
+    assert _close(nhwc.encode_image(pixels), nchw.encode_image(pixels), rel=1e-5)
