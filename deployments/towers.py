@@ -144,12 +144,7 @@ class TowerBase:
             dtype=settings.get("dtype"),
             audio_norm=model_options.get("audio_norm", "running"),
         )
-        channels_last = settings.get("channels_last")
-        if (
-            channels_last is None
-        ):  # measured: audio 1.3-1.4x on CPU, image 1.05x (not worth 90 MiB per replica)
-            channels_last = self.tower == "audio" or (self.tower == "image" and self.device == "cuda")
-        if channels_last and self.tower in ("image", "audio"):
+        if self._wants_channels_last(settings.get("channels_last")):
             self.model.use_channels_last(True)
         self.model_options = model_options
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
@@ -161,6 +156,15 @@ class TowerBase:
         self._batch_sizes.clear()
         self.load_seconds = time.perf_counter() - started
         logger.info("%s tower ready on %s in %.1f s", self.tower, self.device, self.load_seconds)
+
+    def _wants_channels_last(self, setting: bool | None) -> bool:
+        """Default measured on CPU: audio runs 1.3-1.4x faster NHWC; image only 1.05x, not worth
+        a private 90 MiB copy of its conv weights per replica (on GPU the copy is made anyway)."""
+        if self.tower == "text":
+            return False
+        if setting is not None:
+            return setting
+        return self.tower == "audio" or self.device == "cuda"
 
     # ------------------------------------------------------------------ serve hooks
     def reconfigure(self, config: dict) -> None:
