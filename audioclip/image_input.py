@@ -112,14 +112,23 @@ def _array_to_pil(array: np.ndarray, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode=_ARRAY_MODES[channels])
 
 
-def to_pil(image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def to_pil(
+    image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short_side: int | None = None
+) -> Image.Image:
     """Turn encoded bytes, a PIL image or a numpy array into an upright, decoded PIL image.
 
     PIL images get the same EXIF handling as bytes, so ``Image.open(f)`` and ``f.read()`` agree
     (``exif_transpose`` drops the tag, so an already-transposed image is left alone).
+    ``draft_short_side`` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding, keeping
+    the short side at least that long: a 4000x3000 photo decodes several times faster.
     """
     if isinstance(image, bytes | bytearray | memoryview):
-        return _decode_pixels(_open_encoded(image, max_pixels))
+        opened = _open_encoded(image, max_pixels)
+        if draft_short_side and opened.format == "JPEG":
+            scale = min(opened.size) / draft_short_side
+            if scale >= 2:
+                opened.draft("RGB", (int(opened.size[0] / scale), int(opened.size[1] / scale)))
+        return _decode_pixels(opened)
     if isinstance(image, Image.Image):
         _check_pixel_count(*image.size, max_pixels)
         return _decode_pixels(image)
@@ -132,14 +141,16 @@ def to_pil(image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
 
 
 def crop_to_uint8(
-    image: ImageLike, size: int = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
+    image: ImageLike, size: int = IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS, fast_decode: bool = False
 ) -> np.ndarray:
     """Reference geometry: short side to ``size`` with PIL bicubic, centre crop, then RGB.
 
     Returns a writable uint8 ``[size, size, 3]`` array. The order (resize before RGB conversion)
     is the reference's, so palette and RGBA images give the reference's pixels too.
+    ``fast_decode`` (opt-in, JPEG only) decodes large photos at a reduced scale whose short side
+    stays >= 2 x ``size`` before the same bicubic resize; it is not bit-exact with the reference.
     """
-    pil = to_pil(image, max_pixels)
+    pil = to_pil(image, max_pixels, draft_short_side=2 * size if fast_decode else None)
     try:
         resized = tvf.resize(pil, [size], interpolation=InterpolationMode.BICUBIC)
         rgb = tvf.center_crop(resized, [size, size]).convert("RGB")

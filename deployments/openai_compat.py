@@ -65,9 +65,7 @@ def embeddings_response(request: EmbeddingsRequest, embeddings: np.ndarray, prom
     """OpenAI's list shape; base64 is the raw little-endian float32 bytes, as OpenAI sends it."""
     data = []
     for index, row in enumerate(np.asarray(embeddings, dtype="<f4")):
-        value = (
-            base64.b64encode(row.tobytes()).decode() if request.encoding_format == "base64" else row.tolist()
-        )
+        value = base64.b64encode(row.tobytes()).decode() if request.encoding_format == "base64" else row
         data.append({"object": "embedding", "index": index, "embedding": value})
     return {
         "object": "list",

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
@@ -115,6 +116,14 @@ def _unwrap(err: InvalidInputError) -> InvalidInputError:
     """The library error itself, not Ray's wrapper around it (whose text holds a traceback)."""
     cause = getattr(err, "cause", None)
     return cause if isinstance(cause, InvalidInputError) else err
+
+
+class FastJSONResponse(JSONResponse):
+    """JSON through orjson, which writes numpy float32 arrays directly: 32x1024 floats take ~1 ms
+    instead of ~20 ms with ``tolist()`` + the standard library."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _timing_headers() -> dict[str, str]:
@@ -307,7 +316,7 @@ class Router:
                 embed = self.embed_image if req.modality == "image" else self.embed_audio
                 embeddings = await self._http(embed(items, normalize=True))
             body = openai_compat.embeddings_response(req, embeddings, tokens)
-            return JSONResponse(body, headers=_timing_headers())
+            return FastJSONResponse(body, headers=_timing_headers())
 
     @api.post("/v1/rank")
     async def http_rank(self, request: Request) -> Response:
@@ -453,7 +462,9 @@ class Router:
         return hi.check_count(list(array) if array.ndim == 4 else [array], self.limits)
 
     def _decode_image(self, item: Any) -> np.ndarray:
-        return crop_to_uint8(item, max_pixels=self.limits.max_pixels)
+        return crop_to_uint8(
+            item, max_pixels=self.limits.max_pixels, fast_decode=self.args.router.fast_decode
+        )
 
     def _decode_audio(self, item: Any) -> np.ndarray:
         if isinstance(item, tuple) and len(item) == 2:
@@ -539,6 +550,6 @@ class Router:
             "modality": modality,
             "dim": EMBED_DIM,
             "normalized": normalize,
-            "embeddings": embeddings.tolist(),
+            "embeddings": embeddings,
         }
-        return JSONResponse(body, headers=_timing_headers())
+        return FastJSONResponse(body, headers=_timing_headers())

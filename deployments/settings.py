@@ -53,6 +53,7 @@ class RouterSettings(_Strict):
     num_cpus: float = Field(1.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources (placement)")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and audio")
+    fast_decode: bool = Field(False, description="JPEG draft-mode decoding of large photos (not bit-exact)")
     max_ongoing_requests: int = Field(256, ge=1)
     max_inflight: int = Field(
         192, ge=1, description="embed requests in progress per router; over it: 503 JSON"

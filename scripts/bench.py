@@ -1088,12 +1088,15 @@ def plot(results: Sequence[ServedResult], raw: Sequence[RawResult], path: Path) 
             name = f"{kind} x{items} {path_name}"
             top.plot([r.concurrency for r in rows], [r.items_per_s for r in rows], label=name, **style)
             bottom.plot([r.concurrency for r in rows], [r.p99_ms / 1e3 for r in rows], label=name, **style)
+        peak = max((r.items_per_s for r in results if r.modality == modality and not r.skipped), default=0)
         for kind in kinds:
-            best = max((r for r in raw if r.kind == kind), key=lambda r: r.batch, default=None)
-            if best:
-                color = colors[(2 * kinds.index(kind)) % len(colors)]
-                name = f"{kind} raw batch {best.batch}"
-                top.axhline(best.items_per_s, color=color, linestyle="--", linewidth=1, label=name)
+            color = colors[(2 * kinds.index(kind)) % len(colors)]
+            for r in (r for r in raw if r.kind == kind):  # raw batch 1 dash-dot, larger batches dashed
+                style = "-." if r.batch == 1 else "--"
+                top.axhline(
+                    r.items_per_s, color=color, linestyle=style, linewidth=1, label=f"{kind} raw b{r.batch}"
+                )
+                peak = max(peak, r.items_per_s)
         for ax in (top, bottom):
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({r.concurrency for r in results}))
@@ -1102,7 +1105,7 @@ def plot(results: Sequence[ServedResult], raw: Sequence[RawResult], path: Path) 
             ax.set_xlabel("concurrency (requests in flight)")
         top.set_title(f"{modality}: throughput")
         top.set_ylabel("items/s")
-        top.set_ylim(bottom=0)
+        top.set_ylim(0, 1.15 * peak)
         top.legend(fontsize=7)
         bottom.set_title(f"{modality}: p99 latency")
         bottom.set_ylabel("p99 latency (s, log)")
