@@ -190,6 +190,12 @@ def test_handle_api_for_images_and_audio(app_url, model):
     tower = serve.get_deployment_handle("TextEncoder", "audioclip")
     direct = tower.embed.remote(["a cat"], {}).result(timeout_s=120)
     _assert_same(direct, model.encode_text(["a cat"]), 0.99999)
+    ranked = handle.rank.remote({"image": image}, [{"text": "a cat"}, {"text": "a rocket"}]).result(
+        timeout_s=120
+    )
+    assert (
+        sorted(r["index"] for r in ranked) == [0, 1] and abs(sum(r["probability"] for r in ranked) - 1) < 1e-5
+    )
 
 
 # ---------------------------------------------------------------------------- batching
@@ -289,6 +295,7 @@ def test_health_readiness_and_models(client):
     assert info["weights"] == "synthetic" and len(info["checkpoint_sha256"]) == 64 and info["dim"] == 1024
     assert set(info["towers"]) == {"image", "text", "audio"}
     assert all(t["device"] == "cpu" and t["replicas"] == 1 for t in info["towers"].values())
+    assert {t["checkpoint_sha256"] for t in info["towers"].values()} == {info["checkpoint_sha256"]}
     _error(client.get("/v1/nothing-here"), 404)
 
 
