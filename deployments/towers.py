@@ -151,6 +151,8 @@ class TowerBase:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
         self._internal_failures = 0
+        self._idle_wait_s = 0.01
+        self._forward_s = 0.0  # moving average of a batch's forward time
         self.metrics = TowerMetrics(self.tower)
         self.reconfigure(settings)
         await self.embed(self.warmup_items(), {})
@@ -181,7 +183,8 @@ class TowerBase:
         if "max_batch_size" in config:
             self._embed_batch.set_max_batch_size(int(config["max_batch_size"]))
         if "batch_wait_timeout_s" in config:
-            self._embed_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+            self._idle_wait_s = float(config["batch_wait_timeout_s"])
+            self._embed_batch.set_batch_wait_timeout_s(self._idle_wait_s)
 
     def check_health(self) -> None:
         if self._internal_failures >= 3:
@@ -224,7 +227,8 @@ class TowerBase:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "max_batch_size": self._embed_batch._get_max_batch_size(),
-            "batch_wait_timeout_s": self._embed_batch._get_batch_wait_timeout_s(),
+            "batch_wait_timeout_s": self._idle_wait_s,
+            "forward_s_average": round(self._forward_s, 4),
         }
 
     def stats(self) -> dict:
@@ -242,10 +246,20 @@ class TowerBase:
     async def _embed_batch(
         self, requests: list[Request]
     ) -> list[tuple[np.ndarray | Exception, float, float]]:
+        # Serve forms the next batch while this one runs; with the configured (short) wait it would
+        # close after a few ms holding one or two requests, then queue behind this forward anyway.
+        # While a forward runs, a batch that starts forming waits about one forward time instead,
+        # so it fills; when idle, the short wait keeps single-request latency low.
+        self._embed_batch.set_batch_wait_timeout_s(max(self._idle_wait_s, self._forward_s))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        results = await loop.run_in_executor(self._executor, self._run_batch, requests)
-        finished = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, requests)
+        finally:
+            finished = time.perf_counter()
+            elapsed = finished - started
+            self._forward_s = 0.7 * self._forward_s + 0.3 * elapsed if self._forward_s else elapsed
+            self._embed_batch.set_batch_wait_timeout_s(self._idle_wait_s)
         self.metrics.observe(requests, results, (finished - started) * 1000)
         return [(result, started, finished) for result in results]
 

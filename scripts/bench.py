@@ -68,6 +68,7 @@ APP = "audioclip"
 TOWER_DEPLOYMENT = {"text": "TextEncoder", "image": "ImageEncoder", "audio": "AudioEncoder"}
 MAX_BODY_BYTES = 64 * 1024 * 1024  # the app's default limits.max_body_bytes
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+TIMING_HEADERS = ("total", "preprocess", "queue", "inference")  # the router's x-*-time headers (ms)
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,11 @@ def raw_batches(single_s: float, max_call_s: float) -> list[int]:
     return [1]
 
 
-def run_raw(inputs: dict[str, list], threads: int, seconds: float, max_call_s: float) -> list[RawResult]:
-    """Raw throughput of each kind's tower, one tower built at a time."""
+def run_raw(
+    inputs: dict[str, list], threads: int, seconds: float, max_call_s: float, channels_last: Sequence[str]
+) -> list[RawResult]:
+    """Raw throughput of each kind's tower, one tower built at a time; ``channels_last``: the towers
+    switched to NHWC weights, as the served ones are (the app's CPU default: audio only)."""
     import torch
 
     import audioclip
@@ -286,6 +290,8 @@ def run_raw(inputs: dict[str, list], threads: int, seconds: float, max_call_s: f
         if not names:
             continue
         model = audioclip.AudioCLIP.from_state_dict(state, towers=(modality,))
+        if modality in channels_last and modality != "text":
+            model.use_channels_last(True)
         for name in names:
             batches, single_s = [1], None
             while batches:
@@ -472,6 +478,7 @@ class LoadResult:
     errors: dict[str, int]
     elapsed_s: float
     check: str
+    server_ms: dict[str, float] = field(default_factory=dict)  # mean x-*-time headers (HTTP)
 
 
 def http_request(kind: str, items: list) -> tuple[str, bytes, dict[str, str]]:
@@ -538,6 +545,7 @@ async def run_http(
 
     bodies = [http_request(case.kind, batch_of(pool, i * case.items, case.items)) for i in range(4)]
     check: list[str] = []
+    server: Counter = Counter()  # sums of the app's x-{total,preprocess,queue,inference}-time headers
     timeout = aiohttp.ClientTimeout(total=600)
     connector = aiohttp.TCPConnector(limit=case.concurrency)
     async with aiohttp.ClientSession(url, timeout=timeout, connector=connector) as session:
@@ -548,6 +556,10 @@ async def run_http(
                 payload = await response.read()
                 if response.status != 200:
                     raise HttpError(str(response.status))
+                for key in TIMING_HEADERS:
+                    with contextlib.suppress(KeyError, ValueError):
+                        server[key] += float(response.headers[f"x-{key}-time"])
+                server["n"] += 1
                 if not check:
                     rows = json.loads(payload)["embeddings"]
                     check.append(f"{len(rows)}x{len(rows[0])}")
@@ -558,7 +570,9 @@ async def run_http(
         lat, items, errors, elapsed = await closed_loop(
             send, case.concurrency, seconds, max_requests, label(case)
         )
-    return LoadResult(lat, items, dict(errors), elapsed, check[0] if check else "")
+    n = server.pop("n", 0) or 1
+    means = {key: round(total / n, 2) for key, total in server.items()}
+    return LoadResult(lat, items, dict(errors), elapsed, check[0] if check else "", means)
 
 
 async def run_handle(case: Case, pool: list, seconds: float, max_requests: int, warmup: bool) -> LoadResult:
@@ -739,7 +753,7 @@ class TowerStats:
         try:
             return list(handle.stats.remote().result(timeout_s=60)["batch_sizes"])
         except Exception as err:  # noqa: BLE001 - a missing figure, not a failed run
-            log(f"stats of the {modality} tower failed: {type(err).__name__}")
+            log(f"stats of the {modality} tower failed: {type(err).__name__}: {str(err)[:200]}")
             return None
 
     def close(self) -> None:
@@ -766,6 +780,8 @@ class ServedResult:
     p50_ms: float = 0.0
     p90_ms: float = 0.0
     p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    server_ms: dict[str, float] = field(default_factory=dict)
     mean_batch: float | None = None
     batches: int | None = None
     cpu_cores: dict[str, float] = field(default_factory=dict)
@@ -821,6 +837,8 @@ def summarize(case: Case, load: LoadResult, cpu: dict[str, float], batches: list
         p50_ms=p50,
         p90_ms=p90,
         p99_ms=p99,
+        mean_ms=float(lat_ms.mean()),
+        server_ms=load.server_ms,
         mean_batch=statistics.mean(batches) if batches else None,
         batches=len(batches) if batches is not None else None,
         cpu_cores=cpu,
@@ -1038,6 +1056,28 @@ def targets_table(targets: Sequence[Target]) -> str:
     return "\n".join(lines)
 
 
+def time_split_table(results: Sequence[ServedResult]) -> str:
+    """Mean latency split with the app's x-*-time headers: decoding in the router, waiting for a
+    batch, the batch's forward, and what is left outside them (proxy, router, transfer, client)."""
+    lines = [
+        "| case | client mean ms | router total | decode (router) | queue for batch | batch forward "
+        "| outside router |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        if r.skipped or not r.server_ms:
+            continue
+        t = r.server_ms
+        outside = r.mean_ms - t.get("total", 0.0)
+        cells = [r.mean_ms, *(t.get(key, 0.0) for key in TIMING_HEADERS), outside]
+        lines.append(
+            f"| {r.path} {r.kind} x{r.items} c{r.concurrency} | "
+            + " | ".join(f"{c:.0f}" for c in cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def cpu_role_table(results: Sequence[ServedResult]) -> str:
     """Cores busy per role for each case: where the CPU goes."""
     roles = sorted({k for r in results for k in r.cpu_cores if k != "total"})
@@ -1188,6 +1228,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw-seconds", type=float, default=4.0, help="timed calls per raw case at least (4 s)")
     p.add_argument("--raw-max-call", type=float, default=12.0, help="largest raw call estimate (12 s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the raw towers (2)")
+    p.add_argument(
+        "--raw-channels-last",
+        type=lambda text: [t for t in text.split(",") if t],
+        default=["audio"],
+        help="raw towers run NHWC, like the served ones (default: audio, the app's CPU default; '' for none)",
+    )
     p.add_argument("--no-raw", action="store_true", help="skip raw timing (no ratios, no skip estimates)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
     quick = "smoke run (~5 min): queries, photo, clip5; c1,32; single items; 5 s cases"
@@ -1212,7 +1258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = make_inputs(args.kinds)
         inputs_path = workdir / "inputs.pkl"
         inputs_path.write_bytes(pickle.dumps(inputs))
-        raw_list = [] if args.no_raw else run_raw(inputs, args.threads, args.raw_seconds, args.raw_max_call)
+        raw_list = (
+            []
+            if args.no_raw
+            else run_raw(inputs, args.threads, args.raw_seconds, args.raw_max_call, args.raw_channels_last)
+        )
         raw = {(r.kind, r.batch): r for r in raw_list}
         cases = plan_cases(args, args.kinds)
         app: ServeApp | None = None
@@ -1223,6 +1273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = ServeApp(args.config, workdir, args.ready_timeout)
             app.start()
             url, ray_address, ready_s = app.url, app.gcs_address(), app.ready_s
+        code_served = git_state()  # the replicas imported the serving code in between
         try:
             root_pid = app.proc.pid if app is not None and app.proc is not None else None
             served = run_cases(cases, args, inputs_path, inputs, url, ray_address, raw, root_pid)
@@ -1233,8 +1284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = evaluate_targets(served, args.kinds, top)
         report = {
             "machine": machine(),
-            "git": code,
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "git": {"at_start": code, "at_app_ready": code_served},
+            "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
             "config": str(args.config) if not args.url else args.url,
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "inputs": describe_inputs(inputs),
@@ -1246,6 +1297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print("## Raw (in-process towers, decoding included)\n\n" + raw_table(raw_list))
         print("\n## Served\n\n" + served_table(served))
+        print("\n## Where the time goes (HTTP, mean ms per request)\n\n" + time_split_table(served))
         print("\n## CPU cores busy by role\n\n" + cpu_role_table(served))
         print("\n## Targets (HTTP path)\n\n" + targets_table(targets))
         print(f"\ntotal time {report['duration_s'] / 60:.1f} min")

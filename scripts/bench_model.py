@@ -1,6 +1,6 @@
 """Time each in-process model optimisation against the naive way, on the same inputs, in one run.
 
-Cases (synthetic-v1 "demo" weights; figures depend on speed, not on weight values):
+Cases, on the synthetic-v1 "demo" weights (timings do not depend on the weight values):
 
 * text: ``encode_text`` (batch padded to its longest text) vs the reference's fixed 77 positions,
   for short queries and long sentences; ``encode_tokens(tokenize(...))`` is shown too.
@@ -9,10 +9,13 @@ Cases (synthetic-v1 "demo" weights; figures depend on speed, not on weight value
 * threads: the image batch-8 case at 1 thread and at more, to show ``--threads`` is honoured.
 
 Variants of a case run round-robin (order alternating each round) after a warm-up call, so
-background load hits them alike; each runs at least ``--min-iters`` times and until it has used
-``--budget`` seconds. Medians are reported. Progress goes to stderr, the markdown table to stdout.
+background load hits them alike; each runs at least ``--min-iters`` times and until its calls add
+up to ``--budget`` seconds. Medians of wall time and of this process's CPU time are reported, with
+the 1-minute load average: on a shared machine, a load well above the thread count (which this
+script adds itself) means the figures are contaminated. Progress goes to stderr, the markdown
+table to stdout.
 
-    PYTHONPATH=. python scripts/bench_model.py [--threads N] [--json PATH]
+    python scripts/bench_model.py [--threads N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -165,16 +168,24 @@ class Samples:
 
 
 def time_variants(variants: Sequence[tuple[str, Fn]], budget: Budget) -> dict[str, Samples]:
-    """Time every variant, round-robin in alternating order so drifting load hits them alike."""
+    """Time the variants round-robin (alternating order) so drifting load hits them alike.
+
+    A variant drops out of the rounds once it has ``min_iters`` calls and ``seconds`` of them.
+    """
     samples = {name: Samples([], []) for name, _ in variants}
     for name, fn in variants:
         for _ in range(max(budget.warmup, 1)):
             samples[name].output = fn()
-    deadline = time.perf_counter() + budget.seconds * len(variants)
+
+    def due(name: str) -> bool:
+        wall = samples[name].wall
+        return len(wall) < budget.max_iters and (len(wall) < budget.min_iters or sum(wall) < budget.seconds)
+
     for rounds in itertools.count():
-        if rounds >= budget.max_iters or (rounds >= budget.min_iters and time.perf_counter() > deadline):
+        pending = [(name, fn) for name, fn in variants if due(name)]
+        if not pending:
             break
-        for name, fn in variants if rounds % 2 == 0 else variants[::-1]:
+        for name, fn in pending if rounds % 2 == 0 else pending[::-1]:
             cpu, wall = time.process_time(), time.perf_counter()
             fn()
             samples[name].wall.append(time.perf_counter() - wall)
