@@ -8,7 +8,7 @@
    and 8 whose call fits ``--raw-max-call`` seconds; decoding included (image: decode +
    ``preprocess_image`` + ``encode_image``; audio: ``load_audio`` + ``encode_audio``; text:
    ``encode_text``, which tokenizes), since the server does that work too.
-3. Served: ``serve run --config`` (a temp copy on a free port) unless ``--url`` names a running app.
+3. Served: ``serve run`` of ``--config`` (a temp copy on a free port) unless ``--url`` names a running app.
    Load comes from separate processes: an aiohttp client (HTTP) and a Ray driver (handle API), closed
    loop at each concurrency, with single-item and multi-item requests. A case issues requests until
    ``--seconds`` have passed or ``--max-requests`` were issued, then waits for those in flight, so the
@@ -22,7 +22,7 @@
 Markdown tables go to stdout, progress to stderr; ``--json`` and ``--plot`` write the figures.
 
     .venv/bin/python scripts/bench.py --json docs/bench_serving.json --plot docs/bench_serving.png
-    .venv/bin/python scripts/bench.py --quick          # ~5 min smoke run
+    .venv/bin/python scripts/bench.py --quick          # ~4 min smoke run
     .venv/bin/python scripts/bench.py --url http://127.0.0.1:8000 --ray-address auto   # a running app
 """
 
@@ -1236,7 +1236,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-raw", action="store_true", help="skip raw timing (no ratios, no skip estimates)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
-    quick = "smoke run (~5 min): queries, photo, clip5; c1,32; single items; 5 s cases"
+    quick = "smoke run (~4 min): queries, photo, clip5; c1,32; single items; 5 s cases"
     p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--plot", type=Path, help="write the throughput / p99 plot here (PNG)")
