@@ -312,21 +312,30 @@ def test_replicas_share_weight_memory(app_url):
     assert mapping["path"] != "[anonymous]"
 
 
-def test_killed_tower_replica_reloads_from_the_store(client, model):
-    tower = serve.get_deployment_handle("TextEncoder", "audioclip")
-    old_pid = tower.stats.remote().result(timeout_s=60)["pid"]
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "TextEncoder" in a["name"]]
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 180
+def _kill_replica(deployment: str) -> int:
+    """Kill the (single) replica of ``deployment`` the way a crash would; returns its pid."""
+    old_pid = serve.get_deployment_handle(deployment, "audioclip").stats.remote().result(timeout_s=60)["pid"]
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if deployment in a["name"])
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return old_pid
+
+
+def _wait_replaced(deployment: str, old_pid: int, timeout_s: float = 180) -> None:
+    """Until a replica with another pid answers (Serve replaced the killed one)."""
+    tower = serve.get_deployment_handle(deployment, "audioclip")
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if tower.stats.remote().result(timeout_s=30)["pid"] != old_pid:
-                break
+                return
         except Exception:  # noqa: BLE001 - the replica is being replaced
             pass
         time.sleep(1)
-    else:
-        pytest.fail("the killed text tower replica was not replaced")
+    pytest.fail(f"the killed {deployment} replica was not replaced in {timeout_s} s")
+
+
+def test_killed_tower_replica_reloads_from_the_store(client, model):
+    _wait_replaced("TextEncoder", _kill_replica("TextEncoder"))
     wait = time.monotonic()
     while client.get("/readyz").status_code != 200 and time.monotonic() - wait < 60:
         time.sleep(0.5)
@@ -627,19 +636,7 @@ def test_weight_store_killed_towers_keep_serving_and_reload(app_url, client, mod
     served = _embeddings(client.post("/v1/embed/text", json={"texts": ["store is down"]}))
     _assert_same(served, model.encode_text(["store is down"]), 0.99999)
     # A new tower replica started now must get its weights from the restarted store.
-    tower = serve.get_deployment_handle("ImageEncoder", "audioclip")
-    old_pid = tower.stats.remote().result(timeout_s=60)["pid"]
-    image_actor = next(
-        n for n in ray.util.list_named_actors(all_namespaces=True) if "ImageEncoder" in n["name"]
-    )
-    ray.kill(ray.get_actor(image_actor["name"], namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if tower.stats.remote().result(timeout_s=30)["pid"] != old_pid:
-                break
-        except Exception:  # noqa: BLE001 - being replaced
-            time.sleep(1)
+    _wait_replaced("ImageEncoder", _kill_replica("ImageEncoder"))
     wait_ready(app_url, timeout_s=120)
     jpeg = (INPUTS / "rocket.jpg").read_bytes()
     served = _embeddings(client.post("/v1/embed/image", content=jpeg, headers={"content-type": "image/jpeg"}))
