@@ -241,16 +241,56 @@ class RawResult:
 
 
 def raw_call(model: Any, modality: str, payload: list) -> Callable[[], Any]:
-    """The in-process equivalent of serving ``payload``: decoding, preprocessing and the forward."""
+    """The in-process equivalent of serving ``payload``: decoding, preprocessing and the forward,
+    ending with the embeddings on the CPU (as the server answers; on a GPU this waits for it)."""
     import torch
 
     import audioclip
 
     if modality == "text":
-        return lambda: model.encode_text(payload)
+        return lambda: model.encode_text(payload).cpu()
     if modality == "image":
-        return lambda: model.encode_image(torch.stack([audioclip.preprocess_image(b) for b in payload]))
-    return lambda: model.encode_audio(torch.from_numpy(np.stack([audioclip.load_audio(b) for b in payload])))
+        return lambda: model.encode_image(torch.stack([audioclip.preprocess_image(b) for b in payload])).cpu()
+    return lambda: model.encode_audio(
+        torch.from_numpy(np.stack([audioclip.load_audio(b) for b in payload]))
+    ).cpu()
+
+
+@dataclass(frozen=True)
+class RawTower:
+    """How the served config runs a tower, so the raw tower runs the same way."""
+
+    device: str = "cpu"
+    dtype: str | None = None
+    channels_last: bool = False
+
+
+def raw_towers(config: Path | None, channels_last: Sequence[str] | None) -> dict[str, RawTower]:
+    """Device (CUDA where the config gives the tower GPUs and one is present), dtype and NHWC of each
+    tower as the app would run it; ``channels_last``: an explicit list of NHWC towers instead."""
+    import torch
+
+    from deployments.settings import AppArgs
+
+    settings = AppArgs()
+    if config is not None:
+        import yaml
+
+        apps = yaml.safe_load(config.read_text()).get("applications", [])
+        args = next((a.get("args") for a in apps if a.get("name") == APP), None)
+        settings = AppArgs.model_validate(args or {})
+    towers = {}
+    for modality in ("text", "image", "audio"):
+        tower = settings.tower(modality)
+        device = "cuda" if tower.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if channels_last is not None:
+            nhwc = modality in channels_last
+        elif tower.channels_last is not None:
+            nhwc = tower.channels_last
+        else:  # the towers' own default (deployments/towers.py)
+            nhwc = modality == "audio" or device == "cuda"
+        towers[modality] = RawTower(device, tower.dtype, nhwc and modality != "text")
+    return towers
 
 
 def time_call(fn: Callable[[], Any], seconds: float, min_iters: int = 2, max_iters: int = 100) -> list[float]:
@@ -274,10 +314,10 @@ def raw_batches(single_s: float, max_call_s: float) -> list[int]:
 
 
 def run_raw(
-    inputs: dict[str, list], threads: int, seconds: float, max_call_s: float, channels_last: Sequence[str]
+    inputs: dict[str, list], threads: int, seconds: float, max_call_s: float, towers: dict[str, RawTower]
 ) -> list[RawResult]:
-    """Raw throughput of each kind's tower, one tower built at a time; ``channels_last``: the towers
-    switched to NHWC weights, as the served ones are (the app's CPU default: audio only)."""
+    """Raw throughput of each kind's tower, one tower built at a time, on the device, dtype and
+    memory format the served config gives it (``towers``)."""
     import torch
 
     import audioclip
@@ -289,8 +329,10 @@ def run_raw(
         names = [n for n in inputs if KINDS[n].modality == modality]
         if not names:
             continue
-        model = audioclip.AudioCLIP.from_state_dict(state, towers=(modality,))
-        if modality in channels_last and modality != "text":
+        how = towers[modality]
+        log(f"raw | {modality} on {how.device}, {how.dtype or 'fp32'}, channels_last {how.channels_last}")
+        model = audioclip.AudioCLIP.from_state_dict(state, how.device, (modality,), dtype=how.dtype)
+        if how.channels_last:
             model.use_channels_last(True)
         for name in names:
             batches, single_s = [1], None
@@ -416,9 +458,11 @@ class ServeApp:
 
     def start(self) -> None:
         serve_cli = Path(sys.executable).with_name("serve")
-        if not serve_cli.exists():
-            raise FileNotFoundError(f"no serve CLI next to {sys.executable}; install ray[serve]")
-        command = [str(serve_cli), "run", str(self.config)]
+        if serve_cli.exists():
+            command = [str(serve_cli), "run", str(self.config)]
+        else:  # ray installed without its scripts next to this interpreter (e.g. pip --target)
+            entry = "import sys; from ray.serve.scripts import cli; sys.argv[0] = 'serve'; cli()"
+            command = [sys.executable, "-c", entry, "run", str(self.config)]
         log(f"starting: {' '.join(command)} (log: {self.log_path})")
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -637,6 +681,43 @@ class LoadProcess:
         self.proc.join(timeout=30)
         if self.proc.is_alive():
             self.proc.kill()
+
+
+class LoadPool:
+    """Several load processes sharing one case's concurrency (one Python client saturates at a few
+    thousand requests/s); their latencies and counts are merged into one ``LoadResult``."""
+
+    def __init__(self, mode: str, inputs_path: Path, target: str, processes: int) -> None:
+        self.workers = [LoadProcess(mode, inputs_path, target) for _ in range(max(1, processes))]
+        self.pids = [w.proc.pid for w in self.workers]
+
+    def run(self, case: Case, seconds: float, max_requests: int, warmup: bool = False) -> LoadResult:
+        n = 1 if warmup else min(len(self.workers), case.concurrency)
+        shares = [case.concurrency // n + (i < case.concurrency % n) for i in range(n)]
+        for worker, share in zip(self.workers, shares, strict=False):
+            sub = Case(case.path, case.kind, case.items, share)
+            limit = max(1, round(max_requests * share / case.concurrency))
+            worker.conn.send((sub, seconds, limit, warmup))
+        parts: list[LoadResult] = [worker.conn.recv() for worker in self.workers[:n]]
+        errors: Counter = Counter()
+        server: Counter = Counter()
+        for part in parts:
+            errors.update(part.errors)
+            for key, mean in part.server_ms.items():
+                server[key] += mean * len(part.latencies_s)
+        answered = sum(len(part.latencies_s) for part in parts) or 1
+        return LoadResult(
+            latencies_s=[t for part in parts for t in part.latencies_s],
+            items_ok=sum(part.items_ok for part in parts),
+            errors=dict(errors),
+            elapsed_s=max(part.elapsed_s for part in parts),
+            check=next((part.check for part in parts if part.check), ""),
+            server_ms={key: round(total / answered, 2) for key, total in server.items()},
+        )
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
 
 
 def label(case: Case) -> str:
@@ -873,7 +954,7 @@ def run_cases(
 ) -> list[ServedResult]:
     """Every case in order, each on an idle server; skipped cases are reported with their reason."""
     meter, stats = CpuMeter(root_pid), TowerStats(ray_address)
-    workers: dict[str, LoadProcess] = {}
+    workers: dict[str, LoadPool] = {}
     warmed: set[tuple[str, str]] = set()
     results = []
     try:
@@ -895,10 +976,13 @@ def run_cases(
                 )
                 continue
             if case.path not in workers:
-                workers[case.path] = LoadProcess(
-                    case.path, inputs_path, url if case.path == "http" else str(ray_address)
+                workers[case.path] = LoadPool(
+                    case.path,
+                    inputs_path,
+                    url if case.path == "http" else str(ray_address),
+                    args.load_processes if case.path == "http" else 1,
                 )
-                meter.client_pids.add(workers[case.path].proc.pid)
+                meter.client_pids.update(workers[case.path].pids)
             log(f"[{n}/{len(cases)}] {label(case)}")
             group = (case.path, case.kind)
             if group not in warmed:  # one untimed single-item request per path and input, outside the window
@@ -1231,8 +1315,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--raw-channels-last",
         type=lambda text: [t for t in text.split(",") if t],
-        default=["audio"],
-        help="raw towers run NHWC, like the served ones (default: audio, the app's CPU default; '' for none)",
+        default=None,
+        help="towers the raw run switches to NHWC (default: as the config's towers run; '' for none)",
+    )
+    p.add_argument(
+        "--load-processes",
+        type=int,
+        default=1,
+        help="HTTP load processes sharing each case's concurrency (1; more where one client saturates)",
     )
     p.add_argument("--no-raw", action="store_true", help="skip raw timing (no ratios, no skip estimates)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
@@ -1261,7 +1351,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw_list = (
             []
             if args.no_raw
-            else run_raw(inputs, args.threads, args.raw_seconds, args.raw_max_call, args.raw_channels_last)
+            else run_raw(
+                inputs,
+                args.threads,
+                args.raw_seconds,
+                args.raw_max_call,
+                raw_towers(None if args.url else args.config, args.raw_channels_last),
+            )
         )
         raw = {(r.kind, r.batch): r for r in raw_list}
         cases = plan_cases(args, args.kinds)
