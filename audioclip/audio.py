@@ -96,6 +96,8 @@ class LinearFBSP(nn.Module):
 class Attention2d(nn.Module):
     """Attention gate: pooled input -> depthwise conv -> pointwise conv -> BN -> sigmoid."""
 
+    FOLDABLE = (("conv_point", "bn"),)  # BatchNorm right after a conv (audioclip.fusion)
+
     def __init__(
         self, in_channels: int, out_channels: int, kernel: tuple[int, int], padding: tuple[int, int]
     ):
@@ -113,6 +115,7 @@ class Bottleneck(nn.Module):
     """torchvision's ResNeXt bottleneck (32 groups x 4 wide), stride on the grouped 3x3 conv."""
 
     expansion = 4
+    FOLDABLE = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, groups: int = 32, base_width: int = 4):
         super().__init__()
@@ -155,6 +158,8 @@ class ESResNeXtFBSP(nn.Module):
     Each channel runs through the CNN on its own; the pooled features are summed over
     channels before the final projection, as in the reference.
     """
+
+    FOLDABLE = (("conv1", "bn1"),)
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ class Bottleneck(nn.Module):
     """ResNet-D style bottleneck: strided convs are replaced by an avgpool after conv2."""
 
     expansion = 4
+    FOLDABLE = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # BatchNorm right after a conv
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -83,6 +84,8 @@ class AttentionPool2d(nn.Module):
 
 class ModifiedResNet(nn.Module):
     """CLIP's ResNet: 3-conv stem, anti-aliased strided blocks, attention pooling."""
+
+    FOLDABLE = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(
         self,

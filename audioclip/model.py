@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from .audio import ESResNeXtFBSP
 from .config import TOWERS, AudioCLIPConfig
 from .errors import CheckpointError, InvalidInputError
+from .fusion import fold_batchnorms
 from .image import ModifiedResNet
 from .text import TextTower
 from .tokenizer import tokenize_to_ids
@@ -103,6 +104,7 @@ class AudioCLIP(nn.Module):
         self.logit_scale_at = nn.Parameter(torch.full([], math.log(100.0)))
         self.audio_norm: AudioNorm = "running"
         self.channels_last = False
+        self.batchnorm_folded = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -159,6 +161,8 @@ class AudioCLIP(nn.Module):
         """``running``: BatchNorm running statistics (reference eval mode). ``per_clip``: each clip's own."""
         if mode not in ("running", "per_clip"):
             raise ValueError(f"audio_norm must be 'running' or 'per_clip', got {mode!r}")
+        if self.batchnorm_folded and mode != "running":
+            raise ValueError("the audio tower's BatchNorm was folded into its convs; per_clip needs it")
         self.audio_norm = mode
         if hasattr(self, "audio"):
             self.audio.set_per_sample_norm(mode == "per_clip")
@@ -173,6 +177,19 @@ class AudioCLIP(nn.Module):
             if hasattr(self, name):
                 getattr(self, name).to(memory_format=fmt)
         self.channels_last = enabled
+        return self
+
+    def fold_batchnorm(self) -> AudioCLIP:
+        """Fold the convolution towers' BatchNorms into the convs before them (inference only;
+        ``audio_norm`` must be ``running``). Like channels_last, this copies the conv weights."""
+        if hasattr(self, "audio") and self.audio_norm != "running":
+            raise ValueError("audio_norm per_clip uses each clip's own statistics: BatchNorm cannot fold")
+        for name in ("visual", "audio"):
+            if hasattr(self, name):
+                fold_batchnorms(getattr(self, name))
+        self.batchnorm_folded = True
+        if self.channels_last:  # the new conv weights come NCHW
+            self.use_channels_last(True)
         return self
 
     # ------------------------------------------------------------------ properties

@@ -48,6 +48,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             "dtype": tower.dtype,
             "torch_threads": tower.torch_threads,
             "channels_last": tower.channels_last,
+            "fold_batchnorm": tower.fold_batchnorm,
         }
         towers[name] = deployment.bind(store, tower_args, model_options)
     router = settings.router

@@ -147,12 +147,15 @@ class TowerBase:
         )
         if self._wants_channels_last(settings.get("channels_last")):
             self.model.use_channels_last(True)
+        if self._wants_folding(settings.get("fold_batchnorm")):
+            self.model.fold_batchnorm()
         self.model_options = model_options
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
         self._internal_failures = 0
         self._idle_wait_s = 0.01
         self._forward_s = 0.0  # moving average of a batch's forward time
+        self._busy_until: float | None = None  # expected end of the running forward, if one runs
         self.metrics = TowerMetrics(self.tower)
         self.reconfigure(settings)
         await self.embed(self.warmup_items(), {})
@@ -177,6 +180,15 @@ class TowerBase:
         if setting is not None:
             return setting
         return self.tower == "audio" or self.device == "cuda"
+
+    def _wants_folding(self, setting: bool | None) -> bool:
+        """Folding BatchNorm copies the conv weights, which NHWC does already: by default fold
+        exactly where the weights are NHWC. Never with per-clip audio statistics."""
+        if self.tower == "text" or (self.tower == "audio" and self.model.audio_norm != "running"):
+            if setting:
+                raise ValueError(f"fold_batchnorm is not possible for the {self.tower} tower as configured")
+            return False
+        return self.model.channels_last if setting is None else setting
 
     # ------------------------------------------------------------------ serve hooks
     def reconfigure(self, config: dict) -> None:
@@ -208,6 +220,7 @@ class TowerBase:
                 "inference_ms": 0.0,
             }
         arrived = time.perf_counter()
+        self._set_batch_wait(arrived)
         result, started, finished = await self._embed_batch((items, options or {}))
         if isinstance(result, Exception):
             raise result
@@ -223,6 +236,7 @@ class TowerBase:
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
             "channels_last": self.model.channels_last,
+            "batchnorm_folded": self.model.batchnorm_folded,
             "checkpoint_sha256": self.checkpoint["sha256"],
             "load_seconds": round(self.load_seconds, 3),
             "pid": os.getpid(),
@@ -243,23 +257,34 @@ class TowerBase:
         }
 
     # ------------------------------------------------------------------ batching
+    def _set_batch_wait(self, now: float) -> None:
+        """Serve forms the next batch while one runs, and reads the wait when the batch's first
+        request arrives. With the configured (short) wait that batch would close after a few ms
+        holding one or two requests, then queue behind the running forward anyway. So while a
+        forward runs, a request arriving sets the wait to the forward's expected remaining time
+        (at least a quarter of a forward, should it overrun): the forming batch closes about when
+        the executor frees, as full as it can be. When idle, the configured wait applies."""
+        busy_until = self._busy_until
+        wait = self._idle_wait_s
+        if busy_until is not None:
+            wait = max(wait, busy_until - now, 0.25 * self._forward_s)
+        self._embed_batch.set_batch_wait_timeout_s(wait)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_items)
     async def _embed_batch(
         self, requests: list[Request]
     ) -> list[tuple[np.ndarray | Exception, float, float]]:
-        # Serve forms the next batch while this one runs; with the configured (short) wait it would
-        # close after a few ms holding one or two requests, then queue behind this forward anyway.
-        # While a forward runs, a batch that starts forming waits about one forward time instead,
-        # so it fills; when idle, the short wait keeps single-request latency low.
-        self._embed_batch.set_batch_wait_timeout_s(max(self._idle_wait_s, self._forward_s))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        self._busy_until = started + self._forward_s
+        self._set_batch_wait(started)
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, requests)
         finally:
             finished = time.perf_counter()
             elapsed = finished - started
             self._forward_s = 0.7 * self._forward_s + 0.3 * elapsed if self._forward_s else elapsed
+            self._busy_until = None
             self._embed_batch.set_batch_wait_timeout_s(self._idle_wait_s)
         self.metrics.observe(requests, results, (finished - started) * 1000)
         return [(result, started, finished) for result in results]

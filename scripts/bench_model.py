@@ -4,8 +4,10 @@ Cases, on the synthetic-v1 "demo" weights (timings do not depend on the weight v
 
 * text: ``encode_text`` (batch padded to its longest text) vs the reference's fixed 77 positions,
   for short queries and long sentences; ``encode_tokens(tokenize(...))`` is shown too.
-* audio: the cached FBSP filter bank vs rebuilding it on every call, and channels_last.
-* image: ``inference_mode`` and channels_last vs ``no_grad`` + NCHW, and bf16 with both layouts.
+* audio: the cached FBSP filter bank vs rebuilding it on every call, channels_last, and BatchNorm
+  folded into the convs (the served default: all three).
+* image: ``inference_mode`` and channels_last vs ``no_grad`` + NCHW, folded BatchNorm, and bf16 with
+  both layouts.
 * threads: the image batch-8 case at 1 thread and at more, to show ``--threads`` is honoured.
 
 Variants of a case run round-robin (order alternating each round) after a warm-up call, so
@@ -273,7 +275,9 @@ def encode_audio_rebuilding_fbsp(model: AudioCLIP, wave: torch.Tensor) -> torch.
         del fbsp.cached_weights
 
 
-def bench_audio(model: AudioCLIP, model_cl: AudioCLIP, batches: Sequence[int], budget: Budget) -> list[Row]:
+def bench_audio(
+    model: AudioCLIP, model_cl: AudioCLIP, model_fold: AudioCLIP, batches: Sequence[int], budget: Budget
+) -> list[Row]:
     fbsp = model.audio.fbsp
     rows = bench_case(
         "audio",
@@ -288,6 +292,7 @@ def bench_audio(model: AudioCLIP, model_cl: AudioCLIP, batches: Sequence[int], b
             ("filter bank rebuilt per call (naive)", lambda w=wave: encode_audio_rebuilding_fbsp(model, w)),
             ("cached filter bank", lambda w=wave: model.encode_audio(w)),
             ("cached + channels_last", lambda w=wave: model_cl.encode_audio(w)),
+            ("cached + channels_last + folded BN", lambda w=wave: model_fold.encode_audio(w)),
         ]
         rows += bench_case("audio", f"{CLIP_SECONDS:g} s mono clips", batch, variants, budget)
     return rows
@@ -310,6 +315,7 @@ def bench_image(
             ("no_grad + NCHW (naive)", lambda x=x: no_grad_visual(models["fp32"], x)),
             ("inference_mode + NCHW", lambda x=x: models["fp32"].encode_image(x)),
             ("inference_mode + channels_last", lambda x=x: models["fp32_cl"].encode_image(x)),
+            ("channels_last + folded BN", lambda x=x: models["fp32_fold"].encode_image(x)),
         ]
         if batch in bf16_batches:
             variants += [
@@ -438,6 +444,8 @@ def build_models(state_dict: dict) -> dict[str, AudioCLIP]:
         "bf16_cl": build(("image",), "bf16"),
         "audio": build(("audio",)),
         "audio_cl": build(("audio",)),
+        "fp32_fold": build(("image",)).use_channels_last(True).fold_batchnorm(),
+        "audio_fold": build(("audio",)).use_channels_last(True).fold_batchnorm(),
     }
 
 
@@ -456,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     models["bf16_cl"].use_channels_last(True)
 
     rows = bench_text(models["text"], args.text_batches, budget)
-    rows += bench_audio(models["audio"], models["audio_cl"], args.audio_batches, budget)
+    rows += bench_audio(models["audio"], models["audio_cl"], models["audio_fold"], args.audio_batches, budget)
     rows += bench_image(models, args.image_batches, args.bf16_batches, budget)
     rows += bench_threads(models["fp32"], sorted({1, 2, args.threads}), budget)
     bf16 = bf16_accuracy(models["fp32"], models["bf16_cl"], args.bf16_check) if args.bf16_check else None

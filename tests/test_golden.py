@@ -71,3 +71,21 @@ def test_audio_from_wav_files_matches_stored_int16_samples(golden):
 def test_logit_scales(model):
     scales = model.logit_scales
     assert scales == audioclip.LogitScales(100.0, 100.0, 100.0)  # exp(log 100), clamped at 100
+
+
+def test_folded_batchnorm_towers_keep_golden_parity(shared_weights, golden):
+    """Folding BatchNorm into the convs (the served default for audio) changes only rounding."""
+    model = audioclip.AudioCLIP.from_state_dict(shared_weights, towers=("image", "audio"))
+    batchnorms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    model.use_channels_last(True).fold_batchnorm()
+    assert batchnorms == 55 + 58  # image: stem 3 + 16 blocks x 3 + 4 downsamples; audio: + 5 gates
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model.audio.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    image = model.encode_image(torch.from_numpy(golden["image_input"])).numpy()
+    assert max_rel(image, golden["image_embedding"]) <= 1e-4
+    assert row_cosines(image, golden["image_embedding"]).min() >= 0.99999
+    for i in range(3):
+        ours = model.encode_audio(torch.from_numpy(golden[f"audio_input_{i}"])[None])[0].numpy()
+        ref = golden[f"audio_embedding_{i}"]
+        assert max_rel(ours, ref) <= 2e-2, f"clip {i}"
+        assert row_cosines(ours, ref).min() >= 0.9999, f"clip {i}"

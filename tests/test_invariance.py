@@ -143,3 +143,13 @@ def test_channels_last_audio_and_image_agree_with_nchw(shared_weights, golden):
     assert _close(nhwc.encode_audio(clip), nchw.encode_audio(clip), rel=1e-4)
     pixels = torch.from_numpy(golden["image_input"][:1])
     assert _close(nhwc.encode_image(pixels), nchw.encode_image(pixels), rel=1e-5)
+
+
+def test_folding_refuses_per_clip_audio_statistics(shared_weights):
+    model = audioclip.AudioCLIP.from_state_dict(shared_weights, towers=("audio",), audio_norm="per_clip")
+    with pytest.raises(ValueError, match="per_clip"):
+        model.fold_batchnorm()
+    model.set_audio_norm("running")
+    model.fold_batchnorm()
+    with pytest.raises(ValueError, match="folded"):
+        model.set_audio_norm("per_clip")

@@ -349,6 +349,7 @@ def test_batch_settings_change_live_without_restart(app_url):
     edited config); it must retune the batcher in the running replica."""
     tower = serve.get_deployment_handle("AudioEncoder", "audioclip")
     before = tower.describe.remote().result(timeout_s=60)
+    assert before["channels_last"] and before["batchnorm_folded"]  # the audio tower's CPU defaults
     tower.reconfigure.remote({"max_batch_size": 3, "batch_wait_timeout_s": 0.07}).result(timeout_s=60)
     after = tower.describe.remote().result(timeout_s=60)
     assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (3, 0.07)
