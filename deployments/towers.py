@@ -30,6 +30,8 @@ from audioclip.image_input import IMAGE_SIZE, crop_to_uint8, normalize_pixels
 from audioclip.model import pad_token_ids
 from audioclip.tokenizer import tokenize_to_ids
 
+from .memory import mapping_of, memory_mib, release_free_memory
+
 logger = logging.getLogger("ray.serve")
 Request = tuple[Sequence[Any], dict[str, Any]]
 
@@ -44,47 +46,6 @@ def count_items(requests: list) -> int:
         except Exception:  # noqa: BLE001 - counting must never raise
             total += 1
     return total
-
-
-def memory_mib() -> dict[str, float]:
-    """This process's RSS, PSS and private memory from /proc (Linux), in MiB."""
-    out: dict[str, float] = {}
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if name in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Shared_Dirty"):
-                    out[name.lower()] = int(rest.split()[0]) / 1024
-    except OSError:
-        pass
-    return out
-
-
-def mapping_of(address: int) -> dict[str, Any]:
-    """The memory mapping holding ``address`` (from /proc/self/smaps): its file and how much of it
-    is resident, proportional (PSS) and shared, in MiB. Weights in Ray's object store show a
-    shared file mapping; a private copy would show anonymous private memory."""
-    try:
-        with open("/proc/self/smaps") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return {}
-    found: dict[str, Any] | None = None
-    for line in lines:
-        head = line.split()
-        if head and "-" in head[0] and ":" not in head[0]:
-            if found is not None:
-                break
-            lo, hi = (int(x, 16) for x in head[0].split("-"))
-            if lo <= address < hi:
-                found = {"path": head[5] if len(head) > 5 else "[anonymous]", "size_mib": (hi - lo) / 2**20}
-        elif (
-            found is not None
-            and head
-            and head[0].rstrip(":") in ("Rss", "Pss", "Shared_Clean", "Shared_Dirty")
-        ):
-            found[head[0].rstrip(":").lower() + "_mib"] = int(head[1]) / 1024
-    return found or {}
 
 
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -127,6 +88,9 @@ class TowerBase:
     """Loads its tower from the weight store, warms up, and batches ``embed`` calls."""
 
     tower: str = ""
+    # Conv towers hand their freed activation buffers back to the OS after each batch
+    # (deployments/memory.py); the text tower's are small.
+    trims_memory_after_batch: bool = True
 
     async def __init__(self, store: DeploymentHandle, settings: dict, model_options: dict) -> None:
         started = time.perf_counter()
@@ -286,6 +250,8 @@ class TowerBase:
             self._forward_s = 0.7 * self._forward_s + 0.3 * elapsed if self._forward_s else elapsed
             self._busy_until = None
             self._embed_batch.set_batch_wait_timeout_s(self._idle_wait_s)
+            if self.trims_memory_after_batch:  # after the answers, before the next forward
+                self._executor.submit(release_free_memory)
         self.metrics.observe(requests, results, (finished - started) * 1000)
         return [(result, started, finished) for result in results]
 
@@ -394,6 +360,7 @@ class TextEncoder(TowerBase):
     """Items: strings. Options: ``truncate``. Pads each batch only to its longest text."""
 
     tower = "text"
+    trims_memory_after_batch = False
 
     def prepare(self, items: Sequence[Any], options: dict) -> list:
         if isinstance(items, str):
