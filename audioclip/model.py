@@ -71,6 +71,33 @@ def pad_token_ids(ids: Sequence[Sequence[int]]) -> torch.Tensor:
     return out
 
 
+def length_groups(lengths: Sequence[int], overhead_tokens: int) -> list[list[int]]:
+    """Split a text batch into forwards by length, where that costs fewer padded tokens.
+
+    A forward pads every text to its longest, so a batch mixing short queries with long sentences
+    spends most of its work on padding. The batch's indices, sorted by length, are split at the
+    point that most lowers ``rows x longest`` summed over the parts, each part counting
+    ``overhead_tokens`` more for its fixed per-forward cost; each part is split again the same
+    way. Returns index lists (ascending length); a uniform batch stays one group.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    pending = [order] if order else []
+    while pending:
+        part = pending.pop()
+        sizes = [lengths[i] for i in part]
+        best_cost, best_at = len(part) * sizes[-1], 0
+        for k in range(1, len(part)):
+            cost = k * sizes[k - 1] + (len(part) - k) * sizes[-1] + overhead_tokens
+            if cost < best_cost:
+                best_cost, best_at = cost, k
+        if best_at:
+            pending += [part[best_at:], part[:best_at]]
+        else:
+            groups.append(part)
+    return sorted(groups, key=lambda g: lengths[g[0]])
+
+
 class AudioCLIP(nn.Module):
     """Image, text and audio towers mapping into one ``embed_dim`` space (unnormalised outputs)."""
 

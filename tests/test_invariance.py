@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import audioclip
-from audioclip.model import pad_token_ids
+from audioclip.model import length_groups, pad_token_ids
+from audioclip.tokenizer import tokenize_to_ids
 
 TEXTS = [
     "a dog barking",
@@ -153,3 +154,26 @@ def test_folding_refuses_per_clip_audio_statistics(shared_weights):
     model.fold_batchnorm()
     with pytest.raises(ValueError, match="folded"):
         model.set_audio_norm("per_clip")
+
+
+def test_length_groups_split_mixed_batches_and_keep_uniform_ones():
+    mixed = [12] * 24 + [60] * 8
+    groups = length_groups(mixed, overhead_tokens=64)
+    assert sorted(i for g in groups for i in g) == list(range(32))  # a partition
+    assert [sorted(g) for g in groups] == [list(range(24)), list(range(24, 32))]
+    assert length_groups([10, 11, 12, 13, 14], overhead_tokens=64) == [[0, 1, 2, 3, 4]]
+    assert length_groups(mixed, overhead_tokens=10_000) == [sorted(range(32), key=lambda i: mixed[i])]
+    assert length_groups([], overhead_tokens=64) == []
+
+
+def test_text_embeddings_do_not_depend_on_the_length_groups(model):
+    long = [f"a long description number {i} of " + "birds singing " * 12 for i in range(3)]
+    texts = ["a dog", "rain", *long]
+    ids = tokenize_to_ids(texts, model.config.context_length)
+    together = model.encode_tokens(pad_token_ids(ids))
+    groups = length_groups([len(x) for x in ids], overhead_tokens=0)
+    assert len(groups) >= 2
+    apart = torch.empty_like(together)
+    for group in groups:
+        apart[group] = model.encode_tokens(pad_token_ids([ids[i] for i in group]))
+    assert _close(apart, together, rel=1e-5)
