@@ -119,7 +119,7 @@ class TowerBase:
         self._internal_failures = 0
         self._idle_wait_s = 0.01
         self._forward_s = 0.0  # moving average of a batch's forward time
-        self._busy_until: float | None = None  # expected end of the running forward, if one runs
+        self._busy = False  # a forward is running
         self.metrics = TowerMetrics(self.tower)
         self.reconfigure(settings)
         await self.embed(self.warmup_items(), {})
@@ -184,7 +184,6 @@ class TowerBase:
                 "inference_ms": 0.0,
             }
         arrived = time.perf_counter()
-        self._set_batch_wait(arrived)
         result, started, finished = await self._embed_batch((items, options or {}))
         if isinstance(result, Exception):
             raise result
@@ -221,17 +220,17 @@ class TowerBase:
         }
 
     # ------------------------------------------------------------------ batching
-    def _set_batch_wait(self, now: float) -> None:
+    def _set_batch_wait(self) -> None:
         """Serve forms the next batch while one runs, and reads the wait when the batch's first
         request arrives. With the configured (short) wait that batch would close after a few ms
         holding one or two requests, then queue behind the running forward anyway. So while a
-        forward runs, a request arriving sets the wait to the forward's expected remaining time
-        (at least a quarter of a forward, should it overrun): the forming batch closes about when
-        the executor frees, as full as it can be. When idle, the configured wait applies."""
-        busy_until = self._busy_until
+        forward runs, the wait is one forward time (moving average): requests answered by the
+        running batch come back over the next tens of ms, and a wait that ended with the forward
+        would split them into two batches (measured: mean batch 6.5 instead of 15.5 for 32
+        concurrent queries). When idle, the configured short wait applies."""
         wait = self._idle_wait_s
-        if busy_until is not None:
-            wait = max(wait, busy_until - now, 0.25 * self._forward_s)
+        if self._busy:
+            wait = max(wait, self._forward_s)
         self._embed_batch.set_batch_wait_timeout_s(wait)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_items)
@@ -240,16 +239,16 @@ class TowerBase:
     ) -> list[tuple[np.ndarray | Exception, float, float]]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        self._busy_until = started + self._forward_s
-        self._set_batch_wait(started)
+        self._busy = True
+        self._set_batch_wait()
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, requests)
         finally:
             finished = time.perf_counter()
             elapsed = finished - started
             self._forward_s = 0.7 * self._forward_s + 0.3 * elapsed if self._forward_s else elapsed
-            self._busy_until = None
-            self._embed_batch.set_batch_wait_timeout_s(self._idle_wait_s)
+            self._busy = False
+            self._set_batch_wait()
             if self.trims_memory_after_batch:  # after the answers, before the next forward
                 self._executor.submit(release_free_memory)
         self.metrics.observe(requests, results, (finished - started) * 1000)
