@@ -43,6 +43,27 @@ class TowerSettings(_Strict):
         return max(self.max_ongoing_requests or 0, 2 * self.max_batch_size)
 
 
+def conv_layout(
+    tower: str, device: str, channels_last: bool | None, fold_batchnorm: bool | None, audio_norm: str
+) -> tuple[bool, bool]:
+    """(NHWC weights, BatchNorm folded) for a tower, from its settings or the measured defaults.
+
+    NHWC: on for audio (1.16-1.26x on CPU) and on GPU; image on CPU gains only 1.08-1.09x at batch
+    1-8, not worth a private 90 MiB copy of its conv weights per replica. Folding copies the conv
+    weights too, so by default it is on exactly where NHWC is; never with per-clip audio statistics.
+    """
+    if tower == "text":
+        if channels_last or fold_batchnorm:
+            raise ValueError("channels_last and fold_batchnorm apply to the image and audio towers only")
+        return False, False
+    nhwc = channels_last if channels_last is not None else (tower == "audio" or device == "cuda")
+    foldable = not (tower == "audio" and audio_norm != "running")
+    if fold_batchnorm and not foldable:
+        raise ValueError("fold_batchnorm needs audio_norm 'running' (per_clip uses each clip's statistics)")
+    fold = foldable and (nhwc if fold_batchnorm is None else fold_batchnorm)
+    return nhwc, fold
+
+
 class Limits(_Strict):
     """Request limits, enforced in the router before any decoding where possible."""
 

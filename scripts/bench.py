@@ -246,9 +246,13 @@ def raw_call(model: Any, modality: str, payload: list) -> Callable[[], Any]:
     import torch
 
     import audioclip
+    from audioclip.model import encode_token_ids_by_length
+    from audioclip.tokenizer import tokenize_to_ids
 
-    if modality == "text":
-        return lambda: model.encode_text(payload).cpu()
+    if modality == "text":  # as the text tower does: tokenize, then one forward per length group
+        return lambda: encode_token_ids_by_length(
+            model, tokenize_to_ids(payload, model.config.context_length)
+        )
     if modality == "image":
         return lambda: model.encode_image(torch.stack([audioclip.preprocess_image(b) for b in payload])).cpu()
     return lambda: model.encode_audio(
@@ -263,6 +267,7 @@ class RawTower:
     device: str = "cpu"
     dtype: str | None = None
     channels_last: bool = False
+    fold_batchnorm: bool = False
 
 
 def raw_towers(config: Path | None, channels_last: Sequence[str] | None) -> dict[str, RawTower]:
@@ -270,7 +275,7 @@ def raw_towers(config: Path | None, channels_last: Sequence[str] | None) -> dict
     tower as the app would run it; ``channels_last``: an explicit list of NHWC towers instead."""
     import torch
 
-    from deployments.settings import AppArgs
+    from deployments.settings import AppArgs, conv_layout
 
     settings = AppArgs()
     if config is not None:
@@ -283,13 +288,12 @@ def raw_towers(config: Path | None, channels_last: Sequence[str] | None) -> dict
     for modality in ("text", "image", "audio"):
         tower = settings.tower(modality)
         device = "cuda" if tower.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        if channels_last is not None:
-            nhwc = modality in channels_last
-        elif tower.channels_last is not None:
-            nhwc = tower.channels_last
-        else:  # the towers' own default (deployments/towers.py)
-            nhwc = modality == "audio" or device == "cuda"
-        towers[modality] = RawTower(device, tower.dtype, nhwc and modality != "text")
+        if channels_last is not None and modality != "text":
+            tower = tower.model_copy(update={"channels_last": modality in channels_last})
+        nhwc, fold = conv_layout(
+            modality, device, tower.channels_last, tower.fold_batchnorm, settings.audio_norm
+        )
+        towers[modality] = RawTower(device, tower.dtype, nhwc, fold)
     return towers
 
 
@@ -330,10 +334,12 @@ def run_raw(
         if not names:
             continue
         how = towers[modality]
-        log(f"raw | {modality} on {how.device}, {how.dtype or 'fp32'}, channels_last {how.channels_last}")
+        log(f"raw | {modality}: {how}")
         model = audioclip.AudioCLIP.from_state_dict(state, how.device, (modality,), dtype=how.dtype)
         if how.channels_last:
             model.use_channels_last(True)
+        if how.fold_batchnorm:
+            model.fold_batchnorm()
         for name in names:
             batches, single_s = [1], None
             while batches:

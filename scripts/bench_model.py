@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from audioclip.model import AudioCLIP, length_groups, pad_token_ids
+from audioclip.model import AudioCLIP, encode_token_ids_by_length, pad_token_ids
 from audioclip.synthetic import synthetic_state_dict
 from audioclip.tokenizer import tokenize, tokenize_to_ids
 
@@ -268,18 +268,10 @@ def bench_text(model: AudioCLIP, batches: Sequence[int], budget: Budget) -> list
         ids = tokenize_to_ids(texts)
         variants = [
             ("one forward, padded to the longest", lambda i=ids: model.encode_tokens(pad_token_ids(i))),
-            ("split by length (the text tower's way)", lambda i=ids: encode_by_length_groups(model, i)),
+            ("split by length (the text tower's way)", lambda i=ids: encode_token_ids_by_length(model, i)),
         ]
         rows += bench_case("text", "mixed: 3/4 queries, 1/4 sentences", batch, variants, budget)
     return rows
-
-
-def encode_by_length_groups(model: AudioCLIP, ids: list[list[int]]) -> torch.Tensor:
-    """What the served text tower does on CPU: one forward per length group (audioclip.length_groups)."""
-    out = torch.empty(len(ids), model.config.embed_dim)
-    for group in length_groups([len(x) for x in ids], overhead_tokens=64):
-        out[group] = model.encode_tokens(pad_token_ids([ids[i] for i in group]))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- audio

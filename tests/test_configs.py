@@ -34,3 +34,18 @@ def test_gpu_config_puts_every_tower_on_the_gpu():
     shares = [settings.tower(t).num_gpus * settings.tower(t).num_replicas for t in settings.towers]
     assert all(share > 0 for share in shares)
     assert sum(shares) <= 1.0, "the towers must fit one GPU"
+
+
+def test_conv_layout_defaults_and_refusals():
+    from deployments.settings import conv_layout
+
+    assert conv_layout("audio", "cpu", None, None, "running") == (True, True)
+    assert conv_layout("image", "cpu", None, None, "running") == (False, False)
+    assert conv_layout("image", "cuda", None, None, "running") == (True, True)
+    assert conv_layout("image", "cpu", True, False, "running") == (True, False)
+    assert conv_layout("audio", "cpu", None, None, "per_clip") == (True, False)
+    assert conv_layout("text", "cpu", None, None, "running") == (False, False)
+    with pytest.raises(ValueError, match="per_clip"):
+        conv_layout("audio", "cpu", None, True, "per_clip")
+    with pytest.raises(ValueError, match="image and audio"):
+        conv_layout("text", "cpu", None, True, "running")
