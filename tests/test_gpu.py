@@ -45,3 +45,13 @@ def test_gpu_pixels_path_matches_the_cpu_one(golden):
     crop = torch.from_numpy(audioclip.crop_to_uint8(data))[None]
     on_gpu = audioclip.normalize_pixels(crop.cuda()).cpu()
     assert torch.allclose(on_gpu, audioclip.normalize_pixels(crop), atol=1e-6)
+
+
+def test_cuda_fp16_folded_nhwc_image_tower_stays_close(shared_checkpoint, golden):
+    """The GPU default layout of the image tower (NHWC, BatchNorm folded) in fp16."""
+    model = audioclip.AudioCLIP.from_checkpoint(
+        shared_checkpoint, device="cuda", towers=("image",), dtype="fp16"
+    )
+    model.use_channels_last(True).fold_batchnorm()
+    image = model.encode_image(torch.from_numpy(golden["image_input"])).cpu().numpy()
+    assert row_cosines(image, golden["image_embedding"]).min() >= 0.999
