@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +44,16 @@ class LogitScales(NamedTuple):
     image_text: float
     audio_image: float
     audio_text: float
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, object]) -> LogitScales:
+        """From a checkpoint's three ``logit_scale*`` entries (tensors or numpy arrays)."""
+        state = ckpt.strip_wrappers(state_dict)
+        return cls(*(_scale(ckpt.as_tensor(state[key], key)) for key in ckpt.LOGIT_SCALE_KEYS))
+
+
+def _scale(logit_scale: torch.Tensor) -> float:
+    return float(logit_scale.detach().float().exp().clamp(1.0, LOGIT_SCALE_MAX))
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -108,14 +119,32 @@ SPLIT_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
 def encode_token_ids_by_length(
     model: AudioCLIP, ids: Sequence[Sequence[int]], overhead_tokens: int | None = None
 ) -> torch.Tensor:
-    """``[B, embed_dim]`` float32 CPU embeddings of token id lists, one forward per length group
-    (``length_groups``; ``overhead_tokens`` defaults to the model's device's entry above)."""
+    """``[B, embed_dim]`` float32 embeddings (on the model's device) of token id lists, one forward per
+    length group (``length_groups``; ``overhead_tokens`` defaults to the device's entry above)."""
     if overhead_tokens is None:
-        overhead_tokens = SPLIT_OVERHEAD_TOKENS.get(model.device.type, 4096)
-    out = torch.empty(len(ids), model.config.embed_dim)
+        overhead_tokens = SPLIT_OVERHEAD_TOKENS.get(model.device.type, SPLIT_OVERHEAD_TOKENS["cuda"])
+    out = torch.empty(len(ids), model.config.embed_dim, device=model.device)
     for group in length_groups([len(x) for x in ids], overhead_tokens):
-        out[group] = model.encode_tokens(pad_token_ids([ids[i] for i in group])).cpu()
+        out[group] = model.encode_tokens(pad_token_ids([ids[i] for i in group]))
     return out
+
+
+def encode_clips_by_shape(model: AudioCLIP, clips: Sequence[np.ndarray]) -> np.ndarray:
+    """``[N, embed_dim]`` float32 for ``[C, N]`` int16-range clips: clips of equal shape run together,
+    others separately, since padding would change their embeddings."""
+    out = np.empty((len(clips), model.config.embed_dim), dtype=np.float32)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, clip in enumerate(clips):
+        groups.setdefault(clip.shape, []).append(i)
+    for indices in groups.values():
+        batch = torch.from_numpy(np.stack([clips[i] for i in indices]))
+        out[indices] = model.encode_audio(batch).cpu().numpy()
+    return out
+
+
+def l2_normalized(rows: np.ndarray) -> np.ndarray:
+    """Unit-length rows (all-zero rows stay zero)."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
 class AudioCLIP(nn.Module):
@@ -234,9 +263,7 @@ class AudioCLIP(nn.Module):
         for name in ("visual", "audio"):
             if hasattr(self, name):
                 fold_batchnorms(getattr(self, name))
-        self.batchnorm_folded = True
-        if self.channels_last:  # the new conv weights come NCHW
-            self.use_channels_last(True)
+        self.batchnorm_folded = True  # the folded conv weights keep their memory format (NHWC stays NHWC)
         return self
 
     # ------------------------------------------------------------------ properties
@@ -246,10 +273,7 @@ class AudioCLIP(nn.Module):
 
     @property
     def logit_scales(self) -> LogitScales:
-        def scale(p: torch.Tensor) -> float:
-            return float(p.detach().float().exp().clamp(1.0, LOGIT_SCALE_MAX))
-
-        return LogitScales(scale(self.logit_scale), scale(self.logit_scale_ai), scale(self.logit_scale_at))
+        return LogitScales(_scale(self.logit_scale), _scale(self.logit_scale_ai), _scale(self.logit_scale_at))
 
     def _tower(self, name: str, attr: str) -> nn.Module:
         if name not in self.towers:
@@ -278,9 +302,10 @@ class AudioCLIP(nn.Module):
         return text(tokens.to(self.device)).float()
 
     def encode_text(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
-        """One string per item -> ``[B, embed_dim]``; runs only as long as the batch's longest text."""
+        """One string per item -> ``[B, embed_dim]``; texts of very different lengths run in separate
+        forwards (``length_groups``), each only as long as its longest text."""
         ids = tokenize_to_ids(texts, self.config.context_length, truncate=truncate)
-        return self.encode_tokens(pad_token_ids(ids))
+        return encode_token_ids_by_length(self, ids)
 
     @torch.inference_mode()
     def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:

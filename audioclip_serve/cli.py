@@ -30,14 +30,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from .client import EMBED_DIM
+
 if TYPE_CHECKING:
     from audioclip import AudioCLIP
 
     from .client import AudioCLIPClient
 
-EMBED_DIM = 1024
-MODALITIES = ("images", "audio", "text")
 TOWER = {"images": "image", "audio": "audio", "text": "text"}
+MODALITIES = tuple(TOWER)
 DEFAULT_BATCH_SIZE = {"images": 16, "audio": 8, "text": 64}
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # m4a/mp4/webm are listed so they are reported as undecodable (libsndfile lacks them), not ignored.
@@ -59,7 +60,6 @@ AUDIO_SUFFIXES = frozenset(
     }
 )
 DEFAULT_CHECKPOINT = ".cache/AudioCLIP-Full-Training.pt"
-SYNTHETIC_PREFIX = "synthetic:"
 _REQUEST_POSITION = re.compile(r"^item \d+: ")
 
 
@@ -86,11 +86,6 @@ class BatchResult:
 
 class Embedder(Protocol):
     def embed(self, items: Sequence[Path | str]) -> BatchResult: ...
-
-
-def l2_normalized(rows: np.ndarray) -> np.ndarray:
-    """Unit rows, as the service's ``normalize`` gives them."""
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 def empty_rows() -> np.ndarray:
@@ -130,17 +125,12 @@ def collect(modality: str, path: Path) -> list[Source]:
 # ---------------------------------------------------------------------------- in-process model
 def load_model(checkpoint: str, modality: str, device: str) -> AudioCLIP:
     """Only the tower this modality needs; a released checkpoint's name must have its sha256."""
-    from audioclip import AudioCLIP, AudioCLIPError, synthetic_state_dict
-    from audioclip.checkpoint import verify_known_checkpoint
+    from audioclip import AudioCLIP, AudioCLIPError
+    from audioclip.checkpoint import load_weights
 
-    towers = (TOWER[modality],)
     try:
-        if checkpoint.startswith(SYNTHETIC_PREFIX):
-            weights = synthetic_state_dict(checkpoint.removeprefix(SYNTHETIC_PREFIX) or "demo")
-            return AudioCLIP.from_state_dict(weights, device, towers)
-        path = Path(checkpoint).expanduser()
-        verify_known_checkpoint(path)
-        return AudioCLIP.from_checkpoint(path, device, towers)
+        weights, _ = load_weights(checkpoint)
+        return AudioCLIP.from_state_dict(weights, device, (TOWER[modality],))
     except (AudioCLIPError, RuntimeError, ValueError) as err:  # RuntimeError: e.g. no CUDA device
         raise FatalError(f"cannot load {checkpoint!r} on {device}: {err}") from err
 
@@ -163,6 +153,7 @@ class LocalEmbedder:
 
     def embed(self, items: Sequence[Path | str]) -> BatchResult:
         from audioclip import InvalidInputError
+        from audioclip.model import l2_normalized
 
         prepared, kept, failed = [], [], []
         for i, item in enumerate(items):
@@ -198,20 +189,14 @@ class LocalEmbedder:
         return self.model.encode_image(normalize_pixels(pixels)).cpu().numpy()
 
     def _encode_audio(self, clips: list[np.ndarray]) -> np.ndarray:
-        """Clips of equal shape run together; others separately, since padding would change them."""
-        import torch
+        from audioclip.model import encode_clips_by_shape
 
-        rows = np.zeros((len(clips), EMBED_DIM), dtype=np.float32)
-        for shape in {c.shape for c in clips}:
-            positions = [i for i, c in enumerate(clips) if c.shape == shape]
-            batch = torch.from_numpy(np.stack([clips[i] for i in positions]))
-            rows[positions] = self.model.encode_audio(batch).cpu().numpy()
-        return rows
+        return encode_clips_by_shape(self.model, clips)
 
     def _encode_text(self, ids: list[list[int]]) -> np.ndarray:
-        from audioclip.model import pad_token_ids
+        from audioclip.model import encode_token_ids_by_length
 
-        return self.model.encode_tokens(pad_token_ids(ids)).cpu().numpy()
+        return encode_token_ids_by_length(self.model, ids).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------- the service

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .http_errors import BadRequest, PayloadTooLarge, ServiceError
-from .http_input import load_json_object
+from .http_errors import BadRequest, ServiceError
+from .http_input import check_count, load_json_object
 from .settings import Limits
 
 _FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "modality"}
@@ -45,8 +45,7 @@ def parse_embeddings_request(body: bytes, served_model: str, dim: int, limits: L
     inputs = [raw] if isinstance(raw, str) else raw
     if not isinstance(inputs, list):
         raise BadRequest("field 'input' must be a string or a list of strings")
-    if len(inputs) > limits.max_items:
-        raise PayloadTooLarge(f"{len(inputs)} inputs is over the limit of {limits.max_items}")
+    check_count(inputs, limits)
     encoding = data.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise BadRequest("encoding_format must be 'float' or 'base64'")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from audioclip.model import l2_normalized
+
 MODALITIES = ("text", "image", "audio")
 
 
@@ -30,12 +32,11 @@ def rank(
     top_k: int | None = None,
 ) -> list[dict]:
     """Candidates sorted by score, each with its input index, cosine and probability."""
-    q = query / max(float(np.linalg.norm(query)), 1e-12)
-    c = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
-    cosine = c @ q
+    cosine = l2_normalized(candidates) @ l2_normalized(query)
     logits = np.array([pair_scale(query_modality, m, scales) for m in candidate_modalities]) * cosine
     logits -= logits.max()
-    probability = np.exp(logits) / np.exp(logits).sum()
+    weights = np.exp(logits)
+    probability = weights / weights.sum()
     order = np.argsort(-logits, kind="stable")[: top_k or len(cosine)]
     return [
         {

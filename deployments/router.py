@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from audioclip.audio_input import load_audio
 from audioclip.errors import InvalidInputError
 from audioclip.image_input import IMAGE_SIZE, crop_to_uint8
+from audioclip.model import l2_normalized
 from audioclip.tokenizer import tokenize_to_ids
 
 from . import http_input as hi
@@ -61,10 +62,11 @@ def _timings_var() -> contextvars.ContextVar:
     return _LAZY["timings"]
 
 
-def _record(key: str, ms: float, combine: Callable[[float, float], float] = max) -> None:
+def _record(key: str, ms: float) -> None:
+    """Keep the longest: a request's chunks run concurrently, so their times overlap."""
     timings = _timings_var().get()
     if timings is not None:
-        timings[key] = combine(timings.get(key, 0.0), ms)
+        timings[key] = max(timings.get(key, 0.0), ms)
 
 
 EMBED_DIM = 1024
@@ -173,11 +175,6 @@ def _decode_rank_item(item: Any, index: int | None) -> dict:
     return {kind: hi.decode_base64(item[kind], -1 if index is None else index)}
 
 
-def _normalized(embeddings: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Router:
@@ -213,12 +210,13 @@ class Router:
             )
 
     @contextlib.contextmanager
-    def admitted(self, request: Request | None = None):
-        """Admission control: past ``max_inflight`` requests, answer 503 with Retry-After at once
-        instead of queueing without bound (a JSON body, unlike the proxy's own backpressure)."""
+    def admitted(self, request: Request):
+        """Every embedding route runs inside this: the API key check (401), admission control (past
+        ``max_inflight`` requests, 503 with Retry-After at once instead of queueing without bound; a
+        JSON body, unlike the proxy's own backpressure), the rejected-requests metric, and the
+        per-request timings behind the x-*-time headers."""
         try:
-            if request is not None:
-                self.authorize(request)
+            self.authorize(request)
             if self.inflight >= self.args.router.max_inflight:
                 retry = str(self.args.router.retry_after_s)
                 raise Overloaded("the service is at capacity; retry later", headers={"Retry-After": retry})
@@ -350,7 +348,7 @@ class Router:
             if not positions:
                 return
             try:
-                out = await embedders[kind]([items[i][kind] for i in positions], normalize=True)
+                out = await embedders[kind]([items[i][kind] for i in positions])  # ranking normalises
             except InvalidInputError as err:
                 err = _unwrap(err)
                 at = positions[err.index] - 1 if err.index is not None else None
@@ -516,7 +514,7 @@ class Router:
 
         parts = await asyncio.gather(*(call(s) for s in starts))
         embeddings = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
-        return _normalized(embeddings) if normalize else embeddings
+        return l2_normalized(embeddings) if normalize else embeddings
 
     async def _http(self, work) -> np.ndarray:
         """Await embedding work, turning library and backpressure errors into HTTP errors."""

@@ -51,15 +51,12 @@ def conv_layout(
     NHWC: on for audio (1.16-1.26x on CPU) and on GPU; image on CPU gains only 1.08-1.09x at batch
     1-8, not worth a private 90 MiB copy of its conv weights per replica. Folding copies the conv
     weights too, so by default it is on exactly where NHWC is; never with per-clip audio statistics.
+    Settings that cannot apply are refused earlier, when ``AppArgs`` validates the config.
     """
     if tower == "text":
-        if channels_last or fold_batchnorm:
-            raise ValueError("channels_last and fold_batchnorm apply to the image and audio towers only")
         return False, False
     nhwc = channels_last if channels_last is not None else (tower == "audio" or device == "cuda")
     foldable = not (tower == "audio" and audio_norm != "running")
-    if fold_batchnorm and not foldable:
-        raise ValueError("fold_batchnorm needs audio_norm 'running' (per_clip uses each clip's statistics)")
     fold = foldable and (nhwc if fold_batchnorm is None else fold_batchnorm)
     return nhwc, fold
 
@@ -110,6 +107,17 @@ class AppArgs(_Strict):
     def _towers_unique(self) -> AppArgs:
         if not self.towers or len(set(self.towers)) != len(self.towers):
             raise ValueError(f"towers must be a non-empty list without repeats, got {self.towers}")
+        return self
+
+    @model_validator(mode="after")
+    def _layout_applies(self) -> AppArgs:
+        """Refused when the config is read (``build_app``), not as replicas that fail to start."""
+        if self.text.channels_last or self.text.fold_batchnorm:
+            raise ValueError("channels_last and fold_batchnorm apply to the image and audio towers only")
+        if self.audio.fold_batchnorm and self.audio_norm != "running":
+            raise ValueError(
+                "audio fold_batchnorm needs audio_norm 'running' (per_clip uses each clip's statistics)"
+            )
         return self
 
     def tower(self, name: str) -> TowerSettings:

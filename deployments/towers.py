@@ -1,8 +1,8 @@
 """One Serve deployment per AudioCLIP tower, with dynamic batching.
 
-A call is ``embed(items, options)`` for one request's items; ``@serve.batch`` merges
-concurrent calls into one forward. Item problems are returned in the item's request slot,
-so a bad item fails only its own request. The forward runs on a one-thread executor, off
+A call is ``embed_timed(items, options)`` (or ``embed``) for one request's items;
+``@serve.batch`` merges concurrent calls into one forward. Item problems are returned in the
+item's request slot, so a bad item fails only its own request. The forward runs on a one-thread executor, off
 the replica's event loop, so health checks and new requests are served while it runs.
 """
 
@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from audioclip import AudioCLIP, InvalidInputError
 from audioclip.audio_input import SAMPLE_RATE, load_audio
 from audioclip.image_input import IMAGE_SIZE, crop_to_uint8, normalize_pixels
-from audioclip.model import encode_token_ids_by_length
+from audioclip.model import encode_clips_by_shape, encode_token_ids_by_length
 from audioclip.tokenizer import tokenize_to_ids
 
 from .memory import mapping_of, memory_mib, release_free_memory
@@ -127,9 +127,7 @@ class TowerBase:
         self._internal_failures = 0
         self._idle_wait_s = 0.01
         self._forward_s = 0.0  # moving average of a batch's forward time
-        self._busy = False  # a forward is running
         self.metrics = TowerMetrics(self.tower)
-        self.reconfigure(settings)
         await self.embed(self.warmup_items(), {})
         self._batch_sizes.clear()
         self.load_seconds = time.perf_counter() - started
@@ -209,17 +207,15 @@ class TowerBase:
         }
 
     # ------------------------------------------------------------------ batching
-    def _set_batch_wait(self) -> None:
+    def _set_batch_wait(self, busy: bool) -> None:
         """Serve forms the next batch while one runs, and reads the wait when the batch's first
         request arrives. With the configured (short) wait that batch would close after a few ms
         holding one or two requests, then queue behind the running forward anyway. So while a
-        forward runs, the wait is one forward time (moving average): requests answered by the
-        running batch come back over the next tens of ms, and a wait that ended with the forward
-        would split them into two batches (measured: mean batch 6.5 instead of 15.5 for 32
+        forward runs (``busy``), the wait is one forward time (moving average): requests answered
+        by the running batch come back over the next tens of ms, and a wait that ended with the
+        forward would split them into two batches (measured: mean batch 6.5 instead of 15.5 for 32
         concurrent queries). When idle, the configured short wait applies."""
-        wait = self._idle_wait_s
-        if self._busy:
-            wait = max(wait, self._forward_s)
+        wait = max(self._idle_wait_s, self._forward_s) if busy else self._idle_wait_s
         self._embed_batch.set_batch_wait_timeout_s(wait)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_items)
@@ -228,19 +224,17 @@ class TowerBase:
     ) -> list[tuple[np.ndarray | Exception, float, float]]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        self._busy = True
-        self._set_batch_wait()
+        self._set_batch_wait(busy=True)
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, requests)
         finally:
             finished = time.perf_counter()
             elapsed = finished - started
             self._forward_s = 0.7 * self._forward_s + 0.3 * elapsed if self._forward_s else elapsed
-            self._busy = False
-            self._set_batch_wait()
-            if self.trims_memory_after_batch:  # after the answers, before the next forward
+            self._set_batch_wait(busy=False)
+            if self.trims_memory_after_batch:  # runs before the next forward on the same executor
                 self._executor.submit(release_free_memory)
-        self.metrics.observe(requests, results, (finished - started) * 1000)
+        self.metrics.observe(requests, results, elapsed * 1000)
         return [(result, started, finished) for result in results]
 
     def _run_batch(self, requests: list[Request]) -> list[np.ndarray | Exception]:
@@ -345,7 +339,8 @@ class ImageEncoder(TowerBase):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class TextEncoder(TowerBase):
-    """Items: strings. Options: ``truncate``. Pads each batch only to its longest text."""
+    """Items: strings. Options: ``truncate``. A batch runs as forwards of similar-length texts, each
+    padded only to its longest (``encode_token_ids_by_length``)."""
 
     tower = "text"
     trims_memory_after_batch = False
@@ -359,7 +354,7 @@ class TextEncoder(TowerBase):
 
     def forward(self, items: list) -> np.ndarray:
         """One forward per length group, so short queries are not padded to a long sentence."""
-        return encode_token_ids_by_length(self.model, items).numpy()
+        return encode_token_ids_by_length(self.model, items).cpu().numpy()
 
     def warmup_items(self) -> list:
         return ["warm up"]
@@ -397,14 +392,7 @@ class AudioEncoder(TowerBase):
         return fit_length(clip, round(fixed * SAMPLE_RATE)) if fixed else clip
 
     def forward(self, items: list) -> np.ndarray:
-        out = np.empty((len(items), self.model.config.embed_dim), dtype=np.float32)
-        groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
-        for i, clip in enumerate(items):
-            groups[clip.shape].append(i)
-        for indices in groups.values():
-            batch = torch.from_numpy(np.stack([items[i] for i in indices]))
-            out[indices] = self.model.encode_audio(batch).cpu().numpy()
-        return out
+        return encode_clips_by_shape(self.model, items)
 
     def warmup_items(self) -> list:
         return [np.zeros((1, SAMPLE_RATE), dtype=np.float32)]

@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from audioclip import AudioCLIP, CheckpointError, read_state_dict
-from audioclip.checkpoint import file_sha256, tower_of
+from audioclip import TOWERS, AudioCLIP, CheckpointError, read_state_dict
+from audioclip.checkpoint import file_sha256, tower_part
 
-TOWER_NAMES = ("image", "text", "audio")
 StateDict = dict[str, torch.Tensor]
 
 
@@ -44,11 +43,6 @@ def load_strict(path: Path) -> StateDict:
     except CheckpointError as err:
         raise ConversionError(f"{path} does not load strictly: {err}") from err
     return state_dict
-
-
-def tower_part(state_dict: Mapping[str, torch.Tensor], tower: str) -> StateDict:
-    """One tower's keys plus the logit scales: what ``from_checkpoint(towers=(tower,))`` needs."""
-    return {k: v for k, v in state_dict.items() if tower_of(k.removeprefix("module.")) in (tower, "scales")}
 
 
 def storable(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -117,7 +111,7 @@ def outputs(out: Path, per_tower: bool) -> list[tuple[Path, str | None]]:
     """The files to write: ``out`` with every key, then ``OUT-<tower>.safetensors`` if asked."""
     files: list[tuple[Path, str | None]] = [(out, None)]
     if per_tower:
-        files += [(out.with_name(f"{out.stem}-{t}{out.suffix}"), t) for t in TOWER_NAMES]
+        files += [(out.with_name(f"{out.stem}-{t}{out.suffix}"), t) for t in TOWERS]
     return files
 
 

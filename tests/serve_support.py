@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
 import httpx
+
+# An API key that only the environment carries, for the router's ``api_key_env``: set before any
+# test starts its Ray cluster, so every replica (a child of that cluster) inherits it.
+ENV_KEY_VAR = "AUDIOCLIP_TEST_API_KEY"
+os.environ.setdefault(ENV_KEY_VAR, "key-from-the-environment")
 
 TEST_ARGS = {
     "checkpoint": "synthetic:shared",  # the golden weights, so served == in-process model

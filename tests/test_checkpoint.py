@@ -126,6 +126,9 @@ def test_logit_scales_are_exp_and_clamped(shared_weights):
     sd["logit_scale_at"] = np.array(-1.0, dtype=np.float32)  # exp(-1) < 1 -> clamped
     model = AudioCLIP.from_state_dict(sd, towers=("text",))
     assert model.logit_scales == audioclip.LogitScales(pytest.approx(math.e), 100.0, 1.0)
+    # the weight store reads them straight from the arrays (DataParallel prefix included)
+    wrapped = {f"module.{k}": v for k, v in sd.items()}
+    assert audioclip.LogitScales.of(wrapped) == audioclip.LogitScales(pytest.approx(math.e), 100.0, 1.0)
 
 
 def test_unreadable_and_unsafe_files(tmp_path):
@@ -160,3 +163,14 @@ def test_reduced_precision_towers(shared_checkpoint, golden):
     assert emb.dtype == np.float32 and cos.min() > 0.99
     with pytest.raises(ValueError, match="dtype"):
         AudioCLIP.from_checkpoint(shared_checkpoint, towers=("text",), dtype="int8")
+
+
+def test_a_released_checkpoint_name_with_other_bytes_is_refused_before_loading(shared_checkpoint, tmp_path):
+    from audioclip.checkpoint import load_weights
+
+    impostor = tmp_path / "AudioCLIP-Full-Training.pt"
+    impostor.write_bytes(shared_checkpoint.read_bytes())  # loadable, but not the released file
+    with pytest.raises(CheckpointError, match="not the released"):
+        load_weights(impostor)
+    arrays, info = load_weights(shared_checkpoint)  # any other name loads, its sha256 reported
+    assert info["kind"] == "real" and len(info["sha256"]) == 64 and "logit_scale" in arrays

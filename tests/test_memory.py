@@ -20,4 +20,4 @@ def test_trim_returns_freed_heap_pages_to_the_os():
     assert release_free_memory() is True  # glibc on this platform
     trimmed = memory_mib()["rss"]
     assert trimmed < freed_but_kept - 150, (held, freed_but_kept, trimmed)
-    assert len(survivors) == 6000
+    del survivors

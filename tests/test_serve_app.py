@@ -9,6 +9,7 @@ import asyncio
 import base64
 import collections
 import io
+import os
 import time
 
 import httpx
@@ -20,7 +21,7 @@ import torch
 from conftest import INPUTS, row_cosines
 from PIL import Image
 from ray import serve
-from serve_support import TEST_ARGS, free_port, wait_ready
+from serve_support import ENV_KEY_VAR, TEST_ARGS, free_port, wait_ready
 
 import audioclip
 from deployments.app import build_app
@@ -368,7 +369,7 @@ def guarded_url(app_url):
         "model_name": "audioclip-guarded",
         "towers": ["text"],
         "text": {"num_cpus": 0, "max_batch_size": 4, "batch_wait_timeout_s": 0.5},
-        "router": {"num_cpus": 0, "max_inflight": 2, "api_keys": ["s3cret-key"]},
+        "router": {"num_cpus": 0, "max_inflight": 2, "api_keys": ["s3cret-key"], "api_key_env": ENV_KEY_VAR},
     }
     serve.run(build_app(args), name="guarded", route_prefix="/guarded")
     url = f"{app_url}/guarded"
@@ -399,6 +400,7 @@ def test_overload_gets_503_with_retry_after_and_recovers(guarded_url):
 
 def test_api_key_authentication(guarded_url):
     assert httpx.get(f"{guarded_url}/readyz", timeout=60).status_code == 200  # probes stay open
+    assert httpx.get(f"{guarded_url}/healthz", timeout=60).status_code == 200
     body = {"texts": ["hello"]}
     assert httpx.post(f"{guarded_url}/v1/embed/text", json=body, timeout=60).status_code == 401
     wrong = httpx.post(
@@ -408,6 +410,11 @@ def test_api_key_authentication(guarded_url):
     assert "s3cret" not in wrong.text
     assert httpx.post(f"{guarded_url}/v1/embed/text", json=body, headers=AUTH, timeout=60).status_code == 200
     assert httpx.get(f"{guarded_url}/v1/models", timeout=60).status_code == 401
+    # the key named by api_key_env, read from the router replica's environment
+    from_env = {"authorization": f"Bearer {os.environ[ENV_KEY_VAR]}"}
+    assert (
+        httpx.post(f"{guarded_url}/v1/embed/text", json=body, headers=from_env, timeout=60).status_code == 200
+    )
 
 
 # ---------------------------------------------------------------------------- OpenAI API and ranking
@@ -612,10 +619,7 @@ def test_tower_killed_under_load_recovers_and_never_mixes_answers(app_url, clien
 
     def kill_text_tower() -> None:
         time.sleep(3)
-        names = [
-            a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "TextEncoder" in a["name"]
-        ]
-        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        _kill_replica("TextEncoder")
 
     import threading
 
