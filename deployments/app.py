@@ -21,11 +21,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """Weight store -> one deployment per requested tower -> router (the ingress)."""
     settings = AppArgs.model_validate(args or {})
     store = WeightStore.bind(settings.checkpoint, settings.towers)
-    model_options = {
-        "audio_norm": settings.audio_norm,
-        "fixed_clip_seconds": settings.fixed_clip_seconds,
-        "max_audio_seconds": settings.limits.max_audio_seconds,
-    }
     towers = {}
     for name in settings.towers:
         tower = settings.tower(name)
@@ -42,15 +37,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 "batch_wait_timeout_s": tower.batch_wait_timeout_s,
             },
         )
-        # Only what needs a restart goes to the constructor; batching changes live via user_config.
-        tower_args = {
-            "num_gpus": tower.num_gpus,
-            "dtype": tower.dtype,
-            "torch_threads": tower.torch_threads,
-            "channels_last": tower.channels_last,
-            "fold_batchnorm": tower.fold_batchnorm,
-        }
-        towers[name] = deployment.bind(store, tower_args, model_options)
+        towers[name] = deployment.bind(store, settings.tower_args(name), settings.model_options())
     router = settings.router
     return Router.options(
         num_replicas=router.num_replicas,

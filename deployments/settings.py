@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -122,3 +122,23 @@ class AppArgs(_Strict):
 
     def tower(self, name: str) -> TowerSettings:
         return getattr(self, name)
+
+    def tower_args(self, name: str) -> dict[str, Any]:
+        """What a tower's constructor takes: only settings that need a restart (batching changes
+        live through ``user_config``)."""
+        tower = self.tower(name)
+        return {
+            "num_gpus": tower.num_gpus,
+            "dtype": tower.dtype,
+            "torch_threads": tower.torch_threads,
+            "channels_last": tower.channels_last,
+            "fold_batchnorm": tower.fold_batchnorm,
+        }
+
+    def model_options(self) -> dict[str, Any]:
+        """Model-wide options every tower gets."""
+        return {
+            "audio_norm": self.audio_norm,
+            "fixed_clip_seconds": self.fixed_clip_seconds,
+            "max_audio_seconds": self.limits.max_audio_seconds,
+        }

@@ -85,6 +85,29 @@ class TowerMetrics:
             self.forward_ms.observe(elapsed_ms, tags=self.tags)
 
 
+def build_tower_model(state: dict, tower: str, settings: dict, model_options: dict) -> AudioCLIP:
+    """One tower as a replica runs it (``settings``: ``AppArgs.tower_args``): on CUDA where the
+    tower has GPUs and one is present, in its dtype, NHWC and BatchNorm-folded by ``conv_layout``.
+    The benchmark builds its raw towers with this too, so raw and served run the same model."""
+    num_gpus = float(settings.get("num_gpus", 0))
+    device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    model = AudioCLIP.from_state_dict(
+        state,
+        device,
+        (tower,),
+        dtype=settings.get("dtype"),
+        audio_norm=model_options.get("audio_norm", "running"),
+    )
+    nhwc, fold = conv_layout(
+        tower, device, settings.get("channels_last"), settings.get("fold_batchnorm"), model.audio_norm
+    )
+    if nhwc:
+        model.use_channels_last(True)
+    if fold:
+        model.fold_batchnorm()
+    return model
+
+
 class TowerBase:
     """Loads its tower from the weight store, warms up, and batches ``embed`` calls."""
 
@@ -96,40 +119,23 @@ class TowerBase:
     async def __init__(self, store: DeploymentHandle, settings: dict, model_options: dict) -> None:
         started = time.perf_counter()
         self.settings = settings
-        num_gpus = float(settings.get("num_gpus", 0))
-        self.device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(int(settings["torch_threads"]))
         [ref] = await store.get.remote(self.tower)
         state = await ref
         self.checkpoint = await store.info.remote()
-        self.model = await asyncio.to_thread(
-            AudioCLIP.from_state_dict,
-            state,
-            self.device,
-            (self.tower,),
-            dtype=settings.get("dtype"),
-            audio_norm=model_options.get("audio_norm", "running"),
-        )
-        nhwc, fold = conv_layout(
-            self.tower,
-            self.device,
-            settings.get("channels_last"),
-            settings.get("fold_batchnorm"),
-            self.model.audio_norm,
-        )
-        if nhwc:
-            self.model.use_channels_last(True)
-        if fold:
-            self.model.fold_batchnorm()
+        self.model = await asyncio.to_thread(build_tower_model, state, self.tower, settings, model_options)
+        self.device = self.model.device.type
         self.model_options = model_options
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
-        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
+        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)  # the latest ones
+        self._batches_total = 0  # every batch since the warm-up (the deque forgets)
         self._internal_failures = 0
         self._idle_wait_s = 0.01
         self._forward_s = 0.0  # moving average of a batch's forward time
         self.metrics = TowerMetrics(self.tower)
         await self.embed(self.warmup_items(), {})
         self._batch_sizes.clear()
+        self._batches_total = 0
         self.load_seconds = time.perf_counter() - started
         logger.info(
             "%s tower ready on %s in %.1f s, serving checkpoint %s (%s, sha256 %s)",
@@ -201,6 +207,7 @@ class TowerBase:
         largest = max(self.model.parameters(), key=lambda p: p.numel())
         return {
             "batch_sizes": list(self._batch_sizes),
+            "batches_total": self._batches_total,
             "memory_mib": memory_mib(),
             "weights_mapping": mapping_of(largest.data_ptr()),
             "pid": os.getpid(),
@@ -268,6 +275,7 @@ class TowerBase:
     def _forward_requests(self, requests: list[list]) -> list[np.ndarray]:
         flat = [item for items in requests for item in items]
         self._batch_sizes.append(len(flat))
+        self._batches_total += 1
         embeddings = self.forward(flat)
         out, start = [], 0
         for items in requests:

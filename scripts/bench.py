@@ -3,11 +3,12 @@
 1. Inputs are generated deterministically: short queries (5-15 tokens) and sentences (30-60 tokens);
    640x480 JPEG photos and large 4000x3000 JPEGs (smooth gradients + a blob + noise, Pillow, quality
    90); 5 s and 30 s WAV clips (44.1 kHz int16, tones + noise).
-2. Raw: each tower alone in this process (``AudioCLIP.from_state_dict(synthetic_state_dict("demo"),
-   towers=(t,))``, ``torch.set_num_threads(--threads)``), timed at batch 1 and at the largest of 32
-   and 8 whose call fits ``--raw-max-call`` seconds; decoding included (image: decode +
-   ``preprocess_image`` + ``encode_image``; audio: ``load_audio`` + ``encode_audio``; text:
-   ``encode_text``, which tokenizes), since the server does that work too.
+2. Raw: each tower alone in this process, built by the replicas' own ``build_tower_model`` from the
+   config's settings (device, dtype, NHWC / folded BatchNorm, torch threads), on synthetic "demo"
+   weights, timed at batch 1 and at the largest of 32 and 8 whose call fits ``--raw-max-call``
+   seconds; decoding included (image: decode + ``preprocess_image`` + ``encode_image``; audio:
+   ``load_audio`` + ``encode_audio``; text: tokenizing + one forward per length group, as the text
+   tower does), since the server does that work too.
 3. Served: ``serve run`` of ``--config`` (a temp copy on a free port) unless ``--url`` names a running app.
    Load comes from separate processes: an aiohttp client (HTTP) and a Ray driver (handle API), closed
    loop at each concurrency, with single-item and multi-item requests. A case issues requests until
@@ -65,8 +66,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 SAMPLE_RATE = 44100
 APP = "audioclip"
-TOWER_DEPLOYMENT = {"text": "TextEncoder", "image": "ImageEncoder", "audio": "AudioEncoder"}
-MAX_BODY_BYTES = 64 * 1024 * 1024  # the app's default limits.max_body_bytes
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 TIMING_HEADERS = ("total", "preprocess", "queue", "inference")  # the router's x-*-time headers (ms)
 
@@ -260,41 +259,19 @@ def raw_call(model: Any, modality: str, payload: list) -> Callable[[], Any]:
     ).cpu()
 
 
-@dataclass(frozen=True)
-class RawTower:
-    """How the served config runs a tower, so the raw tower runs the same way."""
+def app_settings(config: Path | None) -> Any:
+    """The ``audioclip`` application's ``AppArgs`` in a serve config (the defaults without one)."""
+    from deployments.settings import AppArgs
 
-    device: str = "cpu"
-    dtype: str | None = None
-    channels_last: bool = False
-    fold_batchnorm: bool = False
+    if config is None:
+        return AppArgs()
+    import yaml
 
-
-def raw_towers(config: Path | None, channels_last: Sequence[str] | None) -> dict[str, RawTower]:
-    """Device (CUDA where the config gives the tower GPUs and one is present), dtype and NHWC of each
-    tower as the app would run it; ``channels_last``: an explicit list of NHWC towers instead."""
-    import torch
-
-    from deployments.settings import AppArgs, conv_layout
-
-    settings = AppArgs()
-    if config is not None:
-        import yaml
-
-        apps = yaml.safe_load(config.read_text()).get("applications", [])
-        args = next((a.get("args") for a in apps if a.get("name") == APP), None)
-        settings = AppArgs.model_validate(args or {})
-    towers = {}
-    for modality in ("text", "image", "audio"):
-        tower = settings.tower(modality)
-        device = "cuda" if tower.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        if channels_last is not None and modality != "text":
-            tower = tower.model_copy(update={"channels_last": modality in channels_last})
-        nhwc, fold = conv_layout(
-            modality, device, tower.channels_last, tower.fold_batchnorm, settings.audio_norm
-        )
-        towers[modality] = RawTower(device, tower.dtype, nhwc, fold)
-    return towers
+    apps = yaml.safe_load(config.read_text()).get("applications", [])
+    args = next((a.get("args") or {} for a in apps if a.get("name") == APP), None)
+    if args is None:
+        raise SystemExit(f"{config} has no application named {APP!r}")
+    return AppArgs.model_validate(args)
 
 
 def time_call(fn: Callable[[], Any], seconds: float, min_iters: int = 2, max_iters: int = 100) -> list[float]:
@@ -318,28 +295,39 @@ def raw_batches(single_s: float, max_call_s: float) -> list[int]:
 
 
 def run_raw(
-    inputs: dict[str, list], threads: int, seconds: float, max_call_s: float, towers: dict[str, RawTower]
+    inputs: dict[str, list],
+    seconds: float,
+    max_call_s: float,
+    settings: Any,
+    threads: int | None = None,
+    channels_last: Sequence[str] | None = None,
 ) -> list[RawResult]:
-    """Raw throughput of each kind's tower, one tower built at a time, on the device, dtype and
-    memory format the served config gives it (``towers``)."""
+    """Raw throughput of each kind's tower, one tower built at a time by the replicas' own builder
+    (``build_tower_model``) from the config's ``settings``: same device, dtype, layout and threads.
+    ``threads`` / ``channels_last``: overrides for the raw towers."""
     import torch
 
     import audioclip
+    from deployments.towers import build_tower_model
 
-    torch.set_num_threads(threads)
     state = audioclip.synthetic_state_dict("demo")
     results = []
     for modality in ("text", "image", "audio"):
         names = [n for n in inputs if KINDS[n].modality == modality]
         if not names:
             continue
-        how = towers[modality]
-        log(f"raw | {modality}: {how}")
-        model = audioclip.AudioCLIP.from_state_dict(state, how.device, (modality,), dtype=how.dtype)
-        if how.channels_last:
-            model.use_channels_last(True)
-        if how.fold_batchnorm:
-            model.fold_batchnorm()
+        tower_args = settings.tower_args(modality)
+        if threads:
+            tower_args["torch_threads"] = threads
+        if channels_last is not None and modality != "text":
+            tower_args["channels_last"] = modality in channels_last
+        torch.set_num_threads(tower_args["torch_threads"])
+        model = build_tower_model(state, modality, tower_args, settings.model_options())
+        log(
+            f"raw | {modality} on {model.device}, {tower_args['dtype'] or 'fp32'}, "
+            f"{torch.get_num_threads()} threads, channels_last {model.channels_last}, "
+            f"BatchNorm folded {model.batchnorm_folded}"
+        )
         for name in names:
             batches, single_s = [1], None
             while batches:
@@ -677,10 +665,6 @@ class LoadProcess:
         self.proc = ctx.Process(target=load_worker, args=(child, mode, str(inputs_path), target), daemon=True)
         self.proc.start()
 
-    def run(self, case: Case, seconds: float, max_requests: int, warmup: bool = False) -> LoadResult:
-        self.conn.send((case, seconds, max_requests, warmup))
-        return self.conn.recv()
-
     def close(self) -> None:
         with contextlib.suppress(OSError, BrokenPipeError):
             self.conn.send(None)
@@ -805,21 +789,11 @@ class CpuMeter:
         return out
 
 
-def new_entries(before: list[int], after: list[int], maxlen: int = 4096) -> list[int]:
-    """Entries appended to a bounded deque between two copies of it."""
-    if len(after) < maxlen:
-        return after[len(before) :]
-    for dropped in range(len(before) + 1):  # the deque was full: align before's tail with after's head
-        overlap = before[dropped:]
-        if after[: len(overlap)] == overlap:
-            return after[len(overlap) :]
-    return after
-
-
 class TowerStats:
-    """Batch sizes the towers formed, read through a Ray driver in this process (if one connects)."""
+    """Batches the towers formed, read through a Ray driver in this process (if one connects). A
+    handle call reaches one replica, so towers with several replicas report none."""
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, replicas: dict[str, int]) -> None:
         self.handles: dict[str, Any] = {}
         if address is None:
             return
@@ -827,21 +801,35 @@ class TowerStats:
             import ray
             from ray import serve
 
+            from deployments.towers import TOWER_DEPLOYMENTS
+
             ray.init(address=address, namespace="serve", log_to_driver=False, logging_level="ERROR")
-            for modality, deployment in TOWER_DEPLOYMENT.items():
-                self.handles[modality] = serve.get_deployment_handle(deployment, APP)
+            for modality, deployment in TOWER_DEPLOYMENTS.items():
+                if replicas.get(modality, 1) == 1:
+                    self.handles[modality] = serve.get_deployment_handle(deployment.name, APP)
         except Exception as err:  # noqa: BLE001 - without stats the benchmark still runs
             log(f"no tower stats ({type(err).__name__}: {err})")
 
-    def batch_sizes(self, modality: str) -> list[int] | None:
+    def snapshot(self, modality: str) -> dict | None:
         handle = self.handles.get(modality)
         if handle is None:
             return None
         try:
-            return list(handle.stats.remote().result(timeout_s=60)["batch_sizes"])
+            return handle.stats.remote().result(timeout_s=60)
         except Exception as err:  # noqa: BLE001 - a missing figure, not a failed run
             log(f"stats of the {modality} tower failed: {type(err).__name__}: {str(err)[:200]}")
             return None
+
+    @staticmethod
+    def batches_between(before: dict | None, after: dict | None) -> list[int] | None:
+        """Sizes of the batches formed between two snapshots of one replica (None if unknown, e.g.
+        the replica was replaced, or more were formed than it keeps)."""
+        if before is None or after is None or before["pid"] != after["pid"]:
+            return None
+        formed = after["batches_total"] - before["batches_total"]
+        if formed > len(after["batch_sizes"]):
+            return None
+        return after["batch_sizes"][len(after["batch_sizes"]) - formed :]
 
     def close(self) -> None:
         if self.handles:
@@ -892,12 +880,14 @@ def plan_cases(args: argparse.Namespace, kinds: Sequence[str]) -> list[Case]:
     return cases
 
 
-def skip_reason(case: Case, raw: dict[tuple[str, int], RawResult], pool: list, max_case_s: float) -> str:
+def skip_reason(
+    case: Case, raw: dict[tuple[str, int], RawResult], pool: list, max_case_s: float, max_body: int
+) -> str:
     """Why a case is not run: a body over the app's limit, or a first wave too long at the best raw rate."""
     if KINDS[case.kind].modality != "text" and case.items > 1:
         body = case.items * statistics.mean(len(b) for b in pool) * 4 / 3
-        if body > MAX_BODY_BYTES:
-            return f"body ~{body / 2**20:.0f} MiB over the 64 MiB limit"
+        if body > max_body:
+            return f"body ~{body / 2**20:.0f} MiB over the {max_body / 2**20:.0f} MiB limit"
     best = max((r for (k, _), r in raw.items() if k == case.kind), key=lambda r: r.items_per_s, default=None)
     if best is not None:  # the server is unlikely to beat the best raw rate: a lower bound of the time
         wave_s = case.concurrency * case.items / best.items_per_s
@@ -942,7 +932,8 @@ def add_ratios(result: ServedResult, raw: dict[tuple[str, int], RawResult]) -> N
     best = max((r for (k, _), r in raw.items() if k == result.kind), key=lambda r: r.batch, default=None)
     if single:
         result.x_raw_b1 = result.items_per_s / single.items_per_s
-        result.p99_over_raw_b1 = result.p99_ms / (1e3 * single.median_s)
+        if result.items == 1:  # a multi-item request's latency is not comparable to one item's
+            result.p99_over_raw_b1 = result.p99_ms / (1e3 * single.median_s)
     if best:
         result.x_raw_max = result.items_per_s / best.items_per_s
         result.raw_max_batch = best.batch
@@ -957,15 +948,19 @@ def run_cases(
     ray_address: str | None,
     raw: dict[tuple[str, int], RawResult],
     root_pid: int | None,
+    settings: Any,
 ) -> list[ServedResult]:
     """Every case in order, each on an idle server; skipped cases are reported with their reason."""
-    meter, stats = CpuMeter(root_pid), TowerStats(ray_address)
+    replicas = {t: settings.tower(t).num_replicas for t in settings.towers}
+    meter, stats = CpuMeter(root_pid), TowerStats(ray_address, replicas)
     workers: dict[str, LoadPool] = {}
     warmed: set[tuple[str, str]] = set()
     results = []
     try:
         for n, case in enumerate(cases, 1):
-            reason = skip_reason(case, raw, inputs[case.kind], args.max_case_seconds)
+            reason = skip_reason(
+                case, raw, inputs[case.kind], args.max_case_seconds, settings.limits.max_body_bytes
+            )
             if case.path == "handle" and ray_address is None:
                 reason = "no Ray address for the handle API"
             if reason:
@@ -997,20 +992,12 @@ def run_cases(
                 log(f"    warm-up: {fmt(first, '.2f')} s {warm.errors or ''}")
                 warmed.add(group)
             modality = KINDS[case.kind].modality
-            batches_before = stats.batch_sizes(modality)
+            stats_before = stats.snapshot(modality)
             cpu_before, t0 = meter.snapshot(), time.perf_counter()
             load = workers[case.path].run(case, args.seconds, args.max_requests)
             cpu_after, wall = meter.snapshot(), time.perf_counter() - t0
-            batches_after = stats.batch_sizes(modality)
-            batches = (
-                new_entries(batches_before, batches_after)
-                if batches_before is not None and batches_after is not None
-                else None
-            )
-            # the warm-up request is inside the CPU window and the batch list: drop its batch
-            result = summarize(
-                case, load, meter.usage(cpu_before, cpu_after, wall), batches[1:] if batches else None
-            )
+            batches = stats.batches_between(stats_before, stats.snapshot(modality))
+            result = summarize(case, load, meter.usage(cpu_before, cpu_after, wall), batches)
             add_ratios(result, raw)
             if result.cpu_cores.get("other", 0.0) > 0.15:
                 log(f"    WARNING: other processes used {result.cpu_cores['other']:.2f} cores in this case")
@@ -1317,7 +1304,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--raw-seconds", type=float, default=4.0, help="timed calls per raw case at least (4 s)")
     p.add_argument("--raw-max-call", type=float, default=12.0, help="largest raw call estimate (12 s)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for the raw towers (2)")
+    p.add_argument("--threads", type=int, help="torch threads for the raw towers (default: the config's)")
     p.add_argument(
         "--raw-channels-last",
         type=lambda text: [t for t in text.split(",") if t],
@@ -1354,15 +1341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = make_inputs(args.kinds)
         inputs_path = workdir / "inputs.pkl"
         inputs_path.write_bytes(pickle.dumps(inputs))
+        settings = app_settings(None if args.url else args.config)
         raw_list = (
             []
             if args.no_raw
             else run_raw(
-                inputs,
-                args.threads,
-                args.raw_seconds,
-                args.raw_max_call,
-                raw_towers(None if args.url else args.config, args.raw_channels_last),
+                inputs, args.raw_seconds, args.raw_max_call, settings, args.threads, args.raw_channels_last
             )
         )
         raw = {(r.kind, r.batch): r for r in raw_list}
@@ -1378,7 +1362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code_served = git_state()  # the replicas imported the serving code in between
         try:
             root_pid = app.proc.pid if app is not None and app.proc is not None else None
-            served = run_cases(cases, args, inputs_path, inputs, url, ray_address, raw, root_pid)
+            served = run_cases(cases, args, inputs_path, inputs, url, ray_address, raw, root_pid, settings)
         finally:
             if app is not None:
                 app.stop()
