@@ -16,9 +16,6 @@ import base64
 import collections
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ROOT / "tests" / "data" / "golden" / "inputs"
@@ -112,35 +108,6 @@ async def soak(url: str, seconds: float, concurrency: int) -> dict:
     }
 
 
-def start_demo() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["http_options"]["port"] = port
-    path = Path(tempfile.mkdtemp()) / "demo.yaml"
-    path.write_text(yaml.safe_dump(config))
-    serve_bin = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen(
-        [str(serve_bin), "run", str(path)],
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    os.killpg(proc.pid, signal.SIGINT)
-    raise SystemExit("the demo did not become ready")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,10 +125,15 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="write the report here too")
     args = parser.parse_args()
-    proc = None
+    app = None
     url = args.url or "http://127.0.0.1:8000"
-    if args.start_demo:
-        proc, url = start_demo()
+    if args.start_demo:  # serve run of the demo config on a free port, as the benchmark does it
+        from bench import ServeApp  # scripts/ is on sys.path when this script runs
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        app = ServeApp(ROOT / "configs" / "demo.yaml", Path(tempfile.mkdtemp()), ready_timeout_s=300)
+        app.start()
+        url = app.url
     try:
         httpx.post(f"{url}/v1/embed/text", json={"texts": ["warm"]}, timeout=120)
         if args.warmup_minutes > 0:
@@ -171,9 +143,8 @@ def main() -> None:
         report = asyncio.run(soak(url, args.minutes * 60, args.concurrency))
         after = replica_rss_mib()
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=120)
+        if app is not None:
+            app.stop()
     report["minutes"] = args.minutes
     report["warmup_minutes"] = args.warmup_minutes
     report["concurrency"] = args.concurrency
