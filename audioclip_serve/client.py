@@ -166,7 +166,8 @@ def rank_item(item: Mapping[str, Any]) -> dict[str, str]:
 class AudioCLIPClient:
     """Embeddings, ranking and status of an audioclip-serve deployment over HTTP.
 
-    ``base_url`` is the application's root (e.g. ``http://127.0.0.1:8000`` or ``.../full``);
+    ``base_url`` is the application's root (e.g. ``http://127.0.0.1:8000``, ``localhost:8000`` or
+    ``.../full``);
     ``api_key`` is sent as ``Authorization: Bearer``. A request is tried at most ``1 + max_retries``
     times; between tries the client waits ``Retry-After`` (at most ``max_wait_s``) or an
     exponential backoff from ``backoff_s``, plus jitter so that rejected callers do not return
@@ -186,6 +187,8 @@ class AudioCLIPClient:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        if "://" not in base_url:  # "localhost:8000", as curl takes it
+            base_url = f"http://{base_url}"
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
         self.max_retries = max_retries
         self.backoff_s = backoff_s

@@ -66,3 +66,11 @@ def max_rel(ours: np.ndarray, ref: np.ndarray) -> float:
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def assert_matches(served: np.ndarray, local: torch.Tensor | np.ndarray, min_cos: float) -> None:
+    """What the service answered is the in-process model's embedding: float32, same shape, each row
+    within ``min_cos`` cosine."""
+    local = np.asarray(local)
+    assert served.dtype == np.float32 and served.shape == local.shape
+    assert row_cosines(served, local).min() >= min_cos

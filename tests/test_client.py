@@ -17,7 +17,7 @@ import pytest
 import ray
 import soundfile as sf
 import torch
-from conftest import INPUTS, row_cosines
+from conftest import INPUTS, assert_matches, row_cosines
 from ray import serve
 from ray.serve import RunTarget
 from safetensors.numpy import save_file
@@ -80,12 +80,6 @@ def client(server):
         yield c
 
 
-def assert_same(served: np.ndarray, local: torch.Tensor | np.ndarray, min_cos: float) -> None:
-    local = np.asarray(local)
-    assert served.dtype == np.float32 and served.shape == local.shape
-    assert row_cosines(served, local).min() >= min_cos
-
-
 def local_images(model, files: list[Path]) -> torch.Tensor:
     return model.encode_image(torch.stack([audioclip.preprocess_image(f.read_bytes()) for f in files]))
 
@@ -99,7 +93,7 @@ def local_audio(model, files: list[Path]) -> np.ndarray:
 # ---------------------------------------------------------------------------- parity
 def test_text_equals_the_model(client, model):
     texts = ["a photo of an astronaut", "dog", "", "The sound of a Thunderstorm &amp; heavy RAIN!!"]
-    assert_same(client.embed_text(texts), model.encode_text(texts), 0.99999)
+    assert_matches(client.embed_text(texts), model.encode_text(texts), 0.99999)
     normalized = client.embed_text(texts, normalize=True)
     assert np.allclose(np.linalg.norm(normalized, axis=1), 1.0, atol=1e-5)
     assert client.embed_text([]).shape == (0, 1024)
@@ -108,13 +102,13 @@ def test_text_equals_the_model(client, model):
 def test_images_as_paths_and_bytes_equal_the_model(client, model):
     files = [INPUTS / "rocket.jpg", INPUTS / "coffee.png", INPUTS / "astronaut.png"]
     served = client.embed_images([str(files[0]), files[1].read_bytes(), files[2]], batch_size=2)
-    assert_same(served, local_images(model, files), 0.99999)
+    assert_matches(served, local_images(model, files), 0.99999)
 
 
 def test_audio_equals_the_model(client, model):
     files = [INPUTS / "speech_dog_44k.wav", INPUTS / "speech_rain_22k.wav"]
     served = client.embed_audio([files[0], files[1].read_bytes()])
-    assert_same(served, local_audio(model, files), 0.9999)
+    assert_matches(served, local_audio(model, files), 0.9999)
 
 
 # ---------------------------------------------------------------------------- batching and errors
@@ -126,7 +120,7 @@ def test_batches_past_max_items_keep_order(client, model, capsys):
     before = client.requests
     served = client.embed_text(texts, batch_size=8, progress=True)
     assert client.requests - before == 3  # 8 + 8 + 4
-    assert_same(served, model.encode_text(texts), 0.99999)
+    assert_matches(served, model.encode_text(texts), 0.99999)
     assert "20/20" in capsys.readouterr().err  # the tqdm bar ran to the end
 
 
@@ -178,7 +172,7 @@ def test_503_is_retried_until_it_succeeds(server, model):
             served = list(pool.map(lambda t: busy.embed_text([t]), texts))
         print(f"\n{len(texts)} concurrent callers: {busy.requests} requests, {busy.retries} retries")
         assert busy.retries >= 1
-        assert_same(np.concatenate(served), model.encode_text(texts), 0.99999)
+        assert_matches(np.concatenate(served), model.encode_text(texts), 0.99999)
     with AudioCLIPClient(f"{server}/busy", api_key="wrong") as intruder:
         with pytest.raises(AudioCLIPHTTPError) as err:
             intruder.embed_text(["let me in"])
@@ -204,7 +198,7 @@ def test_cli_in_process_skips_an_undecodable_image(tmp_path, model):
     assert "skipped broken.png" in result.stderr and "100%" in result.stderr  # reported; tqdm bar
     rows = np.load(out)
     assert (out.parent / "images.txt").read_text().splitlines() == ["rocket.jpg", "sub/coffee.png"]
-    assert_same(rows, local_images(model, [INPUTS / "rocket.jpg", INPUTS / "coffee.png"]), 0.99999)
+    assert_matches(rows, local_images(model, [INPUTS / "rocket.jpg", INPUTS / "coffee.png"]), 0.99999)
     errors = (out.parent / "images.errors.txt").read_text().splitlines()
     assert len(errors) == 1 and errors[0].startswith("broken.png\t")
 
@@ -220,7 +214,7 @@ def test_cli_in_process_audio_runs_equal_shapes_together(tmp_path, model):
     paths = [tmp_path / n for n in ("a.wav", "b.wav", "broken.wav", "c.wav")]
     result = LocalEmbedder(model, "audio", normalize=True, truncate=False).embed(paths)
     assert result.kept == [0, 1, 3] and [i for i, _ in result.failed] == [2]
-    assert_same(result.rows, local_audio(model, [paths[i] for i in result.kept]), 0.9999)
+    assert_matches(result.rows, local_audio(model, [paths[i] for i in result.kept]), 0.9999)
     assert np.allclose(np.linalg.norm(result.rows, axis=1), 1.0, atol=1e-5)
 
 
@@ -238,7 +232,7 @@ def test_cli_through_the_server_on_a_text_file(server, tmp_path, model):
     kept = [i for i, line in enumerate(lines) if line and line != TOO_LONG]
     assert (tmp_path / "emb.txt").read_text().splitlines() == [f"texts.txt:{i + 1}" for i in kept]
     rows = np.load(out)
-    assert_same(rows, model.encode_text([lines[i] for i in kept]), 0.99999)
+    assert_matches(rows, model.encode_text([lines[i] for i in kept]), 0.99999)
     assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
     errors = (tmp_path / "emb.errors.txt").read_text().splitlines()
     assert len(errors) == 1 and errors[0].startswith("texts.txt:7\ttext_too_long: text has 102 tokens")

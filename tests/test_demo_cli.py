@@ -34,8 +34,9 @@ def readme_snippets() -> list[tuple[str, str]]:
 def run_readme_snippets(port: int, tmp_path: Path) -> None:
     """Run the README's examples as a user would, against the demo on ``port``."""
     for n, (language, code) in enumerate(readme_snippets()):
-        code = code.replace("localhost:8000", f"127.0.0.1:{port}").replace(".venv/bin/python", sys.executable)
-        code = code.replace("-o emb.npy", f"-o {tmp_path / 'emb.npy'}")
+        code = code.replace("localhost:8000", f"127.0.0.1:{port}")
+        code = code.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
+        code = re.sub(r"-o (\S+\.npy)", lambda m: f"-o {tmp_path / m.group(1)}", code)  # outputs go to tmp
         if language == "bash":
             cmd = ["bash", "-euo", "pipefail", "-c", code]
         else:
@@ -55,6 +56,12 @@ def run_readme_snippets(port: int, tmp_path: Path) -> None:
         )
         assert '"error"' not in result.stdout, f"README block {n} answered an error:\n{result.stdout[:500]}"
     assert np.load(tmp_path / "emb.npy").shape == (1, 1024)
+    inputs = ROOT / "tests" / "data" / "golden" / "inputs"
+    photos = sorted(p for p in inputs.iterdir() if p.suffix in (".jpg", ".png"))
+    assert np.load(tmp_path / "photos.npy").shape == (len(photos), 1024)  # audioclip-embed, --server
+    sources = (tmp_path / "photos.txt").read_text().split()
+    assert sources == [p.name for p in photos]
+    assert np.load(tmp_path / "clips.npy").shape[1] == 1024  # audioclip-embed, in-process
 
 
 def test_serve_run_demo_config(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import ray
 import soundfile as sf
 import torch
-from conftest import INPUTS, row_cosines
+from conftest import INPUTS, assert_matches, row_cosines
 from PIL import Image
 from ray import serve
 from serve_support import ENV_KEY_VAR, TEST_ARGS, free_port, wait_ready
@@ -57,17 +57,11 @@ def _embeddings(response: httpx.Response) -> np.ndarray:
     return np.asarray(body["embeddings"], dtype=np.float32)
 
 
-def _assert_same(served: np.ndarray, local: torch.Tensor | np.ndarray, min_cos: float) -> None:
-    local = np.asarray(local)
-    assert served.shape == local.shape
-    assert row_cosines(served, local).min() >= min_cos
-
-
 # ---------------------------------------------------------------------------- parity
 def test_text_over_http_equals_the_model(client, model):
     texts = ["a photo of an astronaut", "dog", "", "The sound of a Thunderstorm &amp; heavy RAIN!!"]
     served = _embeddings(client.post("/v1/embed/text", json={"texts": texts}))
-    _assert_same(served, model.encode_text(texts), 0.99999)
+    assert_matches(served, model.encode_text(texts), 0.99999)
     normalized = _embeddings(client.post("/v1/embed/text", json={"texts": texts, "normalize": True}))
     assert np.allclose(np.linalg.norm(normalized, axis=1), 1.0, atol=1e-5)
 
@@ -77,7 +71,7 @@ def test_npy_response(client, model):
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
     array = np.load(io.BytesIO(r.content))
     assert array.dtype == np.float32 and array.shape == (1, 1024)
-    _assert_same(array, model.encode_text(["a dog"]), 0.99999)
+    assert_matches(array, model.encode_text(["a dog"]), 0.99999)
 
 
 def test_empty_list_gives_empty_result(client):
@@ -95,7 +89,7 @@ def test_image_raw_body_equals_the_model(client, model, name):
     data = (INPUTS / name).read_bytes()
     kind = "image/jpeg" if name.endswith("jpg") else "image/png"
     served = _embeddings(client.post("/v1/embed/image", content=data, headers={"content-type": kind}))
-    _assert_same(served, model.encode_image(audioclip.preprocess_image(data)[None]), 0.99999)
+    assert_matches(served, model.encode_image(audioclip.preprocess_image(data)[None]), 0.99999)
 
 
 def test_image_json_multipart_and_npy(client, model):
@@ -105,16 +99,16 @@ def test_image_json_multipart_and_npy(client, model):
         base64.b64encode(files[0]).decode(),
         "data:image/png;base64," + base64.b64encode(files[1]).decode(),
     ]
-    _assert_same(_embeddings(client.post("/v1/embed/image", json={"images": as_b64})), local, 0.99999)
+    assert_matches(_embeddings(client.post("/v1/embed/image", json={"images": as_b64})), local, 0.99999)
     multipart = [("file", ("a.jpg", files[0], "image/jpeg")), ("file", ("b.png", files[1], "image/png"))]
-    _assert_same(_embeddings(client.post("/v1/embed/image", files=multipart)), local, 0.99999)
+    assert_matches(_embeddings(client.post("/v1/embed/image", files=multipart)), local, 0.99999)
     pixels = np.asarray(Image.open(io.BytesIO(files[0])).convert("RGB"))
     buf = io.BytesIO()
     np.save(buf, pixels)
     served = _embeddings(
         client.post("/v1/embed/image", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
     )
-    _assert_same(served, local[:1], 0.99999)
+    assert_matches(served, local[:1], 0.99999)
 
 
 def test_image_preprocess_false_takes_normalised_pixels(client, model, golden):
@@ -125,7 +119,7 @@ def test_image_preprocess_false_takes_normalised_pixels(client, model, golden):
         content=buf.getvalue(),
         headers={"content-type": "application/x-npy"},
     )
-    _assert_same(_embeddings(r), model.encode_image(torch.from_numpy(golden["image_input"])), 0.99999)
+    assert_matches(_embeddings(r), model.encode_image(torch.from_numpy(golden["image_input"])), 0.99999)
 
 
 @pytest.mark.parametrize("name", ["speech_dog_44k.wav", "speech_rain_22k.wav", "noise_stereo_44k.wav"])
@@ -133,14 +127,14 @@ def test_audio_equals_the_model(client, model, name):
     data = (INPUTS / name).read_bytes()
     served = _embeddings(client.post("/v1/embed/audio", content=data, headers={"content-type": "audio/wav"}))
     local = model.encode_audio(torch.from_numpy(audioclip.load_audio(data))[None])
-    _assert_same(served, local, 0.9999)
+    assert_matches(served, local, 0.9999)
 
 
 def test_audio_json_and_npy(client, model):
     data = (INPUTS / "chord_44k.wav").read_bytes()
     local = model.encode_audio(torch.from_numpy(audioclip.load_audio(data))[None])
     served = _embeddings(client.post("/v1/embed/audio", json={"audio": [base64.b64encode(data).decode()]}))
-    _assert_same(served, local, 0.9999)
+    assert_matches(served, local, 0.9999)
     samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     buf = io.BytesIO()
     np.save(buf, samples.T.copy())
@@ -149,7 +143,7 @@ def test_audio_json_and_npy(client, model):
         content=buf.getvalue(),
         headers={"content-type": "application/x-npy"},
     )
-    _assert_same(_embeddings(r), local, 0.9999)
+    assert_matches(_embeddings(r), local, 0.9999)
 
 
 # ---------------------------------------------------------------------------- handles
@@ -173,7 +167,7 @@ def test_handle_from_another_application(app_url, model):
     texts = ["a cat", "an engine starting"]
     served = caller.remote(texts).result(timeout_s=120)
     assert isinstance(served, np.ndarray) and served.dtype == np.float32
-    _assert_same(served, model.encode_text(texts), 0.99999)
+    assert_matches(served, model.encode_text(texts), 0.99999)
     error = caller.bad_text.remote().result(timeout_s=120)
     assert error["index"] == 1 and error["reason"] == "text_too_long"
     serve.delete("caller")
@@ -183,14 +177,14 @@ def test_handle_api_for_images_and_audio(app_url, model):
     handle = serve.get_app_handle("audioclip")
     image = (INPUTS / "rocket.jpg").read_bytes()
     served = handle.embed_image.remote([image]).result(timeout_s=120)
-    _assert_same(served, model.encode_image(audioclip.preprocess_image(image)[None]), 0.99999)
+    assert_matches(served, model.encode_image(audioclip.preprocess_image(image)[None]), 0.99999)
     samples, rate = sf.read(INPUTS / "sweep_48k.wav", dtype="float32", always_2d=True)
     served = handle.embed_audio.remote([(samples.T.copy(), rate)]).result(timeout_s=120)
     local = model.encode_audio(torch.from_numpy(audioclip.load_audio(samples.T.copy(), rate))[None])
-    _assert_same(served, local, 0.9999)
+    assert_matches(served, local, 0.9999)
     tower = serve.get_deployment_handle("TextEncoder", "audioclip")
     direct = tower.embed.remote(["a cat"], {}).result(timeout_s=120)
-    _assert_same(direct, model.encode_text(["a cat"]), 0.99999)
+    assert_matches(direct, model.encode_text(["a cat"]), 0.99999)
     ranked = handle.rank.remote({"image": image}, [{"text": "a cat"}, {"text": "a rocket"}]).result(
         timeout_s=120
     )
@@ -341,7 +335,7 @@ def test_killed_tower_replica_reloads_from_the_store(client, model):
     while client.get("/readyz").status_code != 200 and time.monotonic() - wait < 60:
         time.sleep(0.5)
     served = _embeddings(client.post("/v1/embed/text", json={"texts": ["after the restart"]}))
-    _assert_same(served, model.encode_text(["after the restart"]), 0.99999)
+    assert_matches(served, model.encode_text(["after the restart"]), 0.99999)
 
 
 # ---------------------------------------------------------------------------- live config
@@ -433,14 +427,14 @@ def test_openai_client_text_image_audio(app_url, model):
     served = np.asarray([d.embedding for d in result.data], dtype=np.float32)
     assert [d.index for d in result.data] == [0, 1] and result.usage.prompt_tokens > 4
     assert np.allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
-    _assert_same(served, model.encode_text(texts), 0.99999)
+    assert_matches(served, model.encode_text(texts), 0.99999)
     # base64: little-endian float32 bytes, as OpenAI sends them
     as_b64 = client.embeddings.create(model="audioclip-test", input="a dog barking", encoding_format="base64")
     assert np.allclose(_from_b64(as_b64.data[0].embedding), served[0], atol=1e-6)
     image = (INPUTS / "rocket.jpg").read_bytes()
     uri = "data:image/jpeg;base64," + base64.b64encode(image).decode()
     result = client.embeddings.create(model="audioclip-test", input=[uri], extra_body={"modality": "image"})
-    _assert_same(
+    assert_matches(
         np.asarray([result.data[0].embedding]),
         model.encode_image(audioclip.preprocess_image(image)[None]),
         0.99999,
@@ -453,7 +447,7 @@ def test_openai_client_text_image_audio(app_url, model):
         encoding_format="base64",
     )
     local = model.encode_audio(torch.from_numpy(audioclip.load_audio(wav))[None])
-    _assert_same(_from_b64(result.data[0].embedding)[None], local, 0.9999)
+    assert_matches(_from_b64(result.data[0].embedding)[None], local, 0.9999)
     from openai import NotFoundError
 
     with pytest.raises(NotFoundError):
@@ -639,13 +633,13 @@ def test_weight_store_killed_towers_keep_serving_and_reload(app_url, client, mod
     store = next(n for n in names if "WeightStore" in n)
     ray.kill(ray.get_actor(store, namespace="serve"), no_restart=True)
     served = _embeddings(client.post("/v1/embed/text", json={"texts": ["store is down"]}))
-    _assert_same(served, model.encode_text(["store is down"]), 0.99999)
+    assert_matches(served, model.encode_text(["store is down"]), 0.99999)
     # A new tower replica started now must get its weights from the restarted store.
     _wait_replaced("ImageEncoder", _kill_replica("ImageEncoder"))
     wait_ready(app_url, timeout_s=120)
     jpeg = (INPUTS / "rocket.jpg").read_bytes()
     served = _embeddings(client.post("/v1/embed/image", content=jpeg, headers={"content-type": "image/jpeg"}))
-    _assert_same(served, model.encode_image(audioclip.preprocess_image(jpeg)[None]), 0.99999)
+    assert_matches(served, model.encode_image(audioclip.preprocess_image(jpeg)[None]), 0.99999)
 
 
 # ---------------------------------------------------------------------------- observability
