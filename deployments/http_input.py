@@ -132,6 +132,13 @@ def load_npy(body: bytes) -> np.ndarray:
         raise BadRequest(f"body is not a valid .npy array: {type(err).__name__}") from None
 
 
+async def read_json_body(request: Request, kind: str, limits: Limits) -> bytes:
+    """The body of a JSON-only route: 415 for any other content type, 413 past the byte limit."""
+    if media_type(request) != "application/json":
+        raise unsupported(kind, media_type(request), ("application/json",))
+    return await read_body(request, limits)
+
+
 def unsupported(kind: str, got: str, accepted: tuple[str, ...]) -> UnsupportedMediaType:
     return UnsupportedMediaType(
         f"content type {got or '(none)'!r} is not accepted for {kind}; use one of {accepted}"

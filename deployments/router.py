@@ -299,9 +299,7 @@ class Router:
     async def http_openai_embeddings(self, request: Request) -> Response:
         """OpenAI-compatible embeddings (normalised); ``modality`` selects image or audio inputs."""
         with self.admitted(request):
-            if hi.media_type(request) != "application/json":
-                raise hi.unsupported("embeddings", hi.media_type(request), ("application/json",))
-            body = await hi.read_body(request, self.limits)
+            body = await hi.read_json_body(request, "embeddings", self.limits)
             req = openai_compat.parse_embeddings_request(body, self.args.model_name, EMBED_DIM, self.limits)
             tokens = 0
             if req.modality == "text":
@@ -320,9 +318,7 @@ class Router:
     async def http_rank(self, request: Request) -> Response:
         """Rank candidates of any modality against a query; see ``rank``."""
         with self.admitted(request):
-            if hi.media_type(request) != "application/json":
-                raise hi.unsupported("rank", hi.media_type(request), ("application/json",))
-            body = await hi.read_body(request, self.limits)
+            body = await hi.read_json_body(request, "rank", self.limits)
             query, candidates, top_k = _parse_rank(body, self.limits)
 
             async def work() -> list[dict]:
@@ -366,9 +362,7 @@ class Router:
             return await self._http_embed_text(request)
 
     async def _http_embed_text(self, request: Request) -> Response:
-        if hi.media_type(request) != "application/json":
-            raise hi.unsupported("text", hi.media_type(request), ("application/json",))
-        body = await hi.read_body(request, self.limits)
+        body = await hi.read_json_body(request, "text", self.limits)
         texts, options = hi.parse_json(body, "texts", ("normalize", "truncate"), self.limits)
         embeddings = await self._http(self.embed_text(texts, options["normalize"], options["truncate"]))
         return self._respond(request, "text", embeddings, options["normalize"])
