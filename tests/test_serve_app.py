@@ -435,7 +435,7 @@ def test_openai_client_text_image_audio(app_url, model):
     uri = "data:image/jpeg;base64," + base64.b64encode(image).decode()
     result = client.embeddings.create(model="audioclip-test", input=[uri], extra_body={"modality": "image"})
     assert_matches(
-        np.asarray([result.data[0].embedding]),
+        np.asarray([result.data[0].embedding], dtype=np.float32),  # JSON floats, as the text ones above
         model.encode_image(audioclip.preprocess_image(image)[None]),
         0.99999,
     )
