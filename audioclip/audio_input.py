@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from audioclip.errors import InvalidInputError, describe
+from audioclip.errors import InvalidInputError, Reason, describe
 
 SAMPLE_RATE = 44100
 DEFAULT_MAX_SECONDS = 300.0
@@ -43,33 +43,40 @@ AudioLike = bytes | bytearray | memoryview | str | os.PathLike | np.ndarray
 _PCM_SCALES = {np.dtype(np.int8): 2.0**-7, np.dtype(np.int16): 2.0**-15, np.dtype(np.int32): 2.0**-31}
 
 
-def _fail(message: str, reason: str) -> InvalidInputError:
+def _fail(message: str, reason: Reason) -> InvalidInputError:
     return InvalidInputError(message, reason=reason)
 
 
 def _check_rate(sample_rate: object) -> int:
     """A sample rate must be a positive integer number of Hz."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Integral) or sample_rate <= 0:
-        raise _fail(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}", "bad_sample_rate")
+        raise _fail(
+            f"sample_rate must be a positive integer (Hz), got {sample_rate!r}", Reason.BAD_SAMPLE_RATE
+        )
     return int(sample_rate)
 
 
 def _check_channels(channels: int) -> None:
     if channels > 2:
-        raise _fail(f"audio has {channels} channels; only mono and stereo are supported", "too_many_channels")
+        raise _fail(
+            f"audio has {channels} channels; only mono and stereo are supported", Reason.TOO_MANY_CHANNELS
+        )
 
 
 def _check_duration(frames: int, rate: int, max_seconds: float) -> None:
     """Refuse before decoding or resampling: cost grows with length."""
     if frames == 0:
-        raise _fail("audio has no samples", "empty")
+        raise _fail("audio has no samples", Reason.EMPTY)
     if frames / rate > max_seconds:
-        raise _fail(f"audio is {frames / rate:.1f} s long, more than the limit {max_seconds:g} s", "too_long")
+        raise _fail(
+            f"audio is {frames / rate:.1f} s long, more than the limit {max_seconds:g} s",
+            Reason.AUDIO_TOO_LONG,
+        )
 
 
 def _check_finite(samples: np.ndarray) -> None:
     if not np.isfinite(samples).all():
-        raise _fail("audio contains NaN or infinity", "not_finite")
+        raise _fail("audio contains NaN or infinity", Reason.NOT_FINITE)
 
 
 def _check_file_rate(file_rate: int, sample_rate: int | None) -> None:
@@ -77,7 +84,7 @@ def _check_file_rate(file_rate: int, sample_rate: int | None) -> None:
     if sample_rate is not None and _check_rate(sample_rate) != file_rate:
         raise _fail(
             f"sample_rate={sample_rate} was given but the file is {file_rate} Hz; omit sample_rate for files",
-            "sample_rate_mismatch",
+            Reason.SAMPLE_RATE_MISMATCH,
         )
 
 
@@ -86,7 +93,7 @@ def _decode(
 ) -> tuple[np.ndarray, int]:
     """Decode with libsndfile into ``[N, C]`` float32 in [-1, 1]; header checks come first."""
     if isinstance(data, str | os.PathLike) and not Path(data).is_file():
-        raise _fail(f"audio file {os.fspath(data)!r} does not exist", "not_found")
+        raise _fail(f"audio file {os.fspath(data)!r} does not exist", Reason.NOT_FOUND)
     source = io.BytesIO(bytes(data)) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
         with sf.SoundFile(source) as handle:
@@ -99,7 +106,7 @@ def _decode(
     except InvalidInputError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise _fail(f"cannot decode audio: {describe(err)}", "undecodable") from err
+        raise _fail(f"cannot decode audio: {describe(err)}", Reason.UNDECODABLE) from err
     _check_duration(unit.shape[0], rate, max_seconds)  # the header's frame count may have lied
     _check_finite(unit)
     # Lossy decoders overshoot full scale slightly on loud material; PCM could not exceed it.
@@ -112,13 +119,13 @@ def _channels_first(array: np.ndarray) -> np.ndarray:
         return array[None, :]
     if array.ndim != 2:
         raise _fail(
-            f"audio array has shape {array.shape}; expected [N] or channels-first [C, N]", "bad_shape"
+            f"audio array has shape {array.shape}; expected [N] or channels-first [C, N]", Reason.BAD_SHAPE
         )
     if array.shape[0] > 2 and array.shape[1] <= 2:
         raise _fail(
             f"audio array has shape {array.shape}, which looks like [N, C]; pass channels-first [C, N] "
             "(e.g. array.T)",
-            "bad_shape",
+            Reason.BAD_SHAPE,
         )
     _check_channels(array.shape[0])
     return array
@@ -130,7 +137,7 @@ def _array_to_unit(array: np.ndarray) -> np.ndarray:
         _check_finite(array)
         low, high = float(array.min()), float(array.max())
         if low < -1.0 or high > 1.0:
-            raise _fail(f"float audio must lie in [-1, 1], got [{low:g}, {high:g}]", "bad_range")
+            raise _fail(f"float audio must lie in [-1, 1], got [{low:g}, {high:g}]", Reason.BAD_RANGE)
         return array.astype(np.float32)
     if array.dtype == np.uint8:  # 8-bit PCM is unsigned with silence at 128
         return ((array.astype(np.float32) - 128.0) * 2.0**-7).astype(np.float32)
@@ -138,7 +145,7 @@ def _array_to_unit(array: np.ndarray) -> np.ndarray:
         return (array.astype(np.float64) * _PCM_SCALES[array.dtype]).astype(np.float32)
     raise _fail(
         f"audio array has dtype {array.dtype}; expected float in [-1, 1] or int8/uint8/int16/int32 PCM",
-        "bad_dtype",
+        Reason.BAD_DTYPE,
     )
 
 
@@ -147,11 +154,12 @@ def _from_array(array: np.ndarray, sample_rate: int | None, max_seconds: float) 
     planar = _channels_first(array)
     if sample_rate is None:
         raise _fail(
-            "the sample rate is not given: raw sample arrays need sample_rate=... (Hz)", "missing_sample_rate"
+            "the sample rate is not given: raw sample arrays need sample_rate=... (Hz)",
+            Reason.MISSING_SAMPLE_RATE,
         )
     rate = _check_rate(sample_rate)
     if planar.shape[0] == 0:
-        raise _fail("audio has no channels", "empty")
+        raise _fail("audio has no channels", Reason.EMPTY)
     _check_duration(planar.shape[1], rate, max_seconds)
     return np.ascontiguousarray(_array_to_unit(planar).T), rate
 
@@ -180,6 +188,6 @@ def load_audio(
     else:
         raise _fail(
             f"unsupported audio type {type(data).__name__}; pass encoded bytes, a path or a numpy array",
-            "unsupported_type",
+            Reason.UNSUPPORTED_TYPE,
         )
     return _to_model_rate(unit, rate)

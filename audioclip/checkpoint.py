@@ -184,30 +184,3 @@ def verify_known_checkpoint(path: str | os.PathLike) -> str:
             "incomplete; download it again"
         )
     return sha256
-
-
-SYNTHETIC_PREFIX = "synthetic:"
-
-
-def digest_arrays(arrays: Mapping[str, np.ndarray]) -> str:
-    """sha256 over the keys and bytes of a state_dict: an identity for in-memory weights."""
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(arrays[key]).view(np.uint8).reshape(-1).data)
-    return h.hexdigest()
-
-
-def load_weights(checkpoint: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """Checkpoint-named numpy arrays plus a description (kind, source, sha256), from a ``.pt`` /
-    ``.safetensors`` path (a released checkpoint's name must have its sha256) or ``synthetic:NAME``."""
-    from .synthetic import synthetic_state_dict
-
-    checkpoint = os.fspath(checkpoint)
-    if checkpoint.startswith(SYNTHETIC_PREFIX):
-        arrays = synthetic_state_dict(checkpoint.removeprefix(SYNTHETIC_PREFIX) or "demo")
-        return arrays, {"kind": "synthetic", "source": checkpoint, "sha256": digest_arrays(arrays)}
-    path = Path(checkpoint).expanduser()
-    sha256 = verify_known_checkpoint(path)
-    arrays = {key: tensor.numpy() for key, tensor in read_state_dict(path).items()}
-    return arrays, {"kind": "real", "source": path.name, "sha256": sha256}

@@ -8,6 +8,39 @@ from __future__ import annotations
 
 import copy
 import re
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why an input item cannot be used: the machine-readable tag every ``InvalidInputError``
+    carries. The serving layer maps each one to an HTTP status in one table
+    (``deployments/errors.py``); a test checks that the table covers every member."""
+
+    # the item's type or structure
+    UNSUPPORTED_TYPE = "unsupported_type"  # not bytes / an array / a string / ...
+    NOT_A_STRING = "not_a_string"  # a text item that is no string
+    NOT_BASE64 = "not_base64"  # a JSON item that is not base64 or a data URI (URLs are not fetched)
+    BAD_ITEM = "bad_item"  # a rank query/candidate that is not {modality: value}
+    BAD_SHAPE = "bad_shape"
+    BAD_DTYPE = "bad_dtype"
+    BAD_RANGE = "bad_range"  # float pixels outside [0, 1], samples outside [-1, 1]
+    NOT_FINITE = "not_finite"
+    EMPTY = "empty"
+    UNDECODABLE = "undecodable"  # encoded bytes that the decoder refuses
+    NOT_FOUND = "not_found"  # a path that does not exist (library callers only)
+    # audio specifics
+    BAD_SAMPLE_RATE = "bad_sample_rate"
+    MISSING_SAMPLE_RATE = "missing_sample_rate"
+    SAMPLE_RATE_MISMATCH = "sample_rate_mismatch"
+    TOO_MANY_CHANNELS = "too_many_channels"
+    # limits: the item is fine but too large for this service
+    TEXT_TOO_LONG = "text_too_long"  # more tokens than the context length, without truncation
+    TEXT_TOO_MANY_CHARS = "text_too_many_chars"  # over Limits.max_text_chars
+    TOO_MANY_PIXELS = "too_many_pixels"  # over Limits.max_pixels
+    AUDIO_TOO_LONG = "audio_too_long"  # over Limits.max_audio_seconds
+    TOO_MANY_ITEMS = "too_many_items"  # a request over Limits.max_items
+    # the request asks for something this deployment does not have
+    TOWER_NOT_SERVED = "tower_not_served"
 
 
 class AudioCLIPError(Exception):
@@ -22,21 +55,22 @@ class InvalidInputError(AudioCLIPError, ValueError):
     """An input item (image, audio clip, text) cannot be used.
 
     ``index`` is the item's position in its request when known, so a caller can say which
-    item was wrong; ``reason`` is a short machine-readable tag (e.g. ``"undecodable"``).
+    item was wrong; ``reason`` is a short machine-readable tag (a :class:`Reason`).
     Instances pickle with their fields, so they cross Ray process boundaries intact.
     """
 
-    def __init__(self, message: str, *, index: int | None = None, reason: str = "invalid") -> None:
+    def __init__(self, message: str, *, index: int | None = None, reason: Reason) -> None:
         self.detail = message
         self.index = index
-        self.reason = reason
+        self.reason = Reason(reason)
         super().__init__(self._render())
 
     def _render(self) -> str:
         return self.detail if self.index is None else f"item {self.index}: {self.detail}"
 
-    def at_index(self, index: int) -> InvalidInputError:
-        """This error re-addressed to the item's position in the caller's request."""
+    def at_index(self, index: int | None) -> InvalidInputError:
+        """This error re-addressed to the item's position in the caller's request (None: an item
+        without a position, such as a rank query)."""
         clone = copy.copy(self)
         clone.index = index
         clone.args = (clone._render(),)
@@ -64,7 +98,7 @@ class TextTooLongError(InvalidInputError):
             f"text has {num_tokens} tokens, more than the context length {context_length}; "
             "shorten it or pass truncate=True",
             index=index,
-            reason="text_too_long",
+            reason=Reason.TEXT_TOO_LONG,
         )
         self.num_tokens = num_tokens
         self.context_length = context_length

@@ -25,7 +25,7 @@ import torchvision.transforms.v2.functional as tvf2
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from audioclip.errors import InvalidInputError, describe
+from audioclip.errors import InvalidInputError, Reason, describe
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,7 +44,7 @@ def _check_pixel_count(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise InvalidInputError(
             f"image is {width}x{height} = {width * height} pixels, more than the limit {max_pixels}",
-            reason="too_many_pixels",
+            reason=Reason.TOO_MANY_PIXELS,
         )
 
 
@@ -54,10 +54,12 @@ def _open_encoded(data: bytes | bytearray | memoryview, max_pixels: int) -> Imag
         image = Image.open(io.BytesIO(bytes(data)))
     except Image.DecompressionBombError as err:
         raise InvalidInputError(
-            f"image is too large to decode: {describe(err)}", reason="too_many_pixels"
+            f"image is too large to decode: {describe(err)}", reason=Reason.TOO_MANY_PIXELS
         ) from err
     except _DECODE_ERRORS as err:
-        raise InvalidInputError(f"cannot decode image bytes: {describe(err)}", reason="undecodable") from err
+        raise InvalidInputError(
+            f"cannot decode image bytes: {describe(err)}", reason=Reason.UNDECODABLE
+        ) from err
     _check_pixel_count(*image.size, max_pixels)
     return image
 
@@ -69,20 +71,21 @@ def _decode_pixels(image: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as err:
         raise InvalidInputError(
-            f"image is too large to decode: {describe(err)}", reason="too_many_pixels"
+            f"image is too large to decode: {describe(err)}", reason=Reason.TOO_MANY_PIXELS
         ) from err
     except _DECODE_ERRORS as err:
-        raise InvalidInputError(f"cannot decode image: {describe(err)}", reason="undecodable") from err
+        raise InvalidInputError(f"cannot decode image: {describe(err)}", reason=Reason.UNDECODABLE) from err
 
 
 def _float_to_uint8(array: np.ndarray) -> np.ndarray:
     """Quantise [0,1] floats to 8 bits the way an encoder would, refusing anything outside."""
     values = array.astype(np.float64)
     if not np.isfinite(values).all():
-        raise InvalidInputError("float image contains NaN or infinity", reason="bad_range")
+        raise InvalidInputError("float image contains NaN or infinity", reason=Reason.BAD_RANGE)
     if values.min() < 0.0 or values.max() > 1.0:
         raise InvalidInputError(
-            f"float image values must lie in [0, 1], got [{values.min()}, {values.max()}]", reason="bad_range"
+            f"float image values must lie in [0, 1], got [{values.min()}, {values.max()}]",
+            reason=Reason.BAD_RANGE,
         )
     return np.rint(values * 255.0).astype(np.uint8)
 
@@ -95,11 +98,11 @@ def _array_to_pil(array: np.ndarray, max_pixels: int) -> Image.Image:
     if array.ndim not in (2, 3) or channels not in _ARRAY_MODES:
         raise InvalidInputError(
             f"image array has shape {array.shape}; expected [H, W], [H, W, 3] (RGB) or [H, W, 4] (RGBA)",
-            reason="bad_shape",
+            reason=Reason.BAD_SHAPE,
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InvalidInputError(
-            f"image array has an empty dimension: shape {array.shape}", reason="bad_shape"
+            f"image array has an empty dimension: shape {array.shape}", reason=Reason.BAD_SHAPE
         )
     _check_pixel_count(array.shape[1], array.shape[0], max_pixels)
     if np.issubdtype(array.dtype, np.floating):
@@ -107,7 +110,7 @@ def _array_to_pil(array: np.ndarray, max_pixels: int) -> Image.Image:
     elif array.dtype != np.uint8:
         raise InvalidInputError(
             f"image array has dtype {array.dtype}; expected uint8 or float with values in [0, 1]",
-            reason="bad_dtype",
+            reason=Reason.BAD_DTYPE,
         )
     return Image.fromarray(np.ascontiguousarray(array), mode=_ARRAY_MODES[channels])
 
@@ -136,7 +139,7 @@ def to_pil(
         return _array_to_pil(image, max_pixels)
     raise InvalidInputError(
         f"unsupported image type {type(image).__name__}; pass encoded bytes, a PIL image or a numpy array",
-        reason="unsupported_type",
+        reason=Reason.UNSUPPORTED_TYPE,
     )
 
 
@@ -156,7 +159,7 @@ def crop_to_uint8(
         rgb = tvf.center_crop(resized, [size, size]).convert("RGB")
     except _DECODE_ERRORS as err:
         raise InvalidInputError(
-            f"cannot resize image of mode {pil.mode}: {describe(err)}", reason="undecodable"
+            f"cannot resize image of mode {pil.mode}: {describe(err)}", reason=Reason.UNDECODABLE
         ) from err
     return np.array(rgb, dtype=np.uint8)
 
@@ -171,12 +174,13 @@ def _normalize_nchw(pixels: torch.Tensor) -> torch.Tensor:
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B,H,W,3]`` (or ``[H,W,3]``) on any device -> normalised float32 ``[B,3,H,W]``."""
     if pixels.dtype != torch.uint8:
-        raise InvalidInputError(f"pixels must be uint8, got {pixels.dtype}", reason="bad_dtype")
+        raise InvalidInputError(f"pixels must be uint8, got {pixels.dtype}", reason=Reason.BAD_DTYPE)
     if pixels.ndim == 3:
         pixels = pixels.unsqueeze(0)
     if pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise InvalidInputError(
-            f"pixels have shape {tuple(pixels.shape)}; expected [B, H, W, 3] or [H, W, 3]", reason="bad_shape"
+            f"pixels have shape {tuple(pixels.shape)}; expected [B, H, W, 3] or [H, W, 3]",
+            reason=Reason.BAD_SHAPE,
         )
     return _normalize_nchw(pixels.permute(0, 3, 1, 2))
 
@@ -201,17 +205,17 @@ def _hwc_to_chw_uint8(
         raise InvalidInputError(
             f"image {index} is a {type(image).__name__}; expected a uint8 tensor or array",
             index=index,
-            reason="unsupported_type",
+            reason=Reason.UNSUPPORTED_TYPE,
         )
     if tensor.dtype != torch.uint8:
         raise InvalidInputError(
-            f"image {index} has dtype {tensor.dtype}; expected uint8", index=index, reason="bad_dtype"
+            f"image {index} has dtype {tensor.dtype}; expected uint8", index=index, reason=Reason.BAD_DTYPE
         )
     if tensor.ndim != 3 or tensor.shape[2] != 3 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise InvalidInputError(
             f"image {index} has shape {tuple(tensor.shape)}; expected non-empty [H, W, 3] RGB",
             index=index,
-            reason="bad_shape",
+            reason=Reason.BAD_SHAPE,
         )
     return tensor.to(device, non_blocking=True).permute(2, 0, 1)
 

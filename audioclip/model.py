@@ -18,8 +18,9 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .audio import ESResNeXtFBSP
+from .batching import length_groups, pad_token_ids, split_overhead_tokens
 from .config import TOWERS, AudioCLIPConfig
-from .errors import CheckpointError, InvalidInputError
+from .errors import CheckpointError, InvalidInputError, Reason
 from .fusion import fold_batchnorms
 from .image import ModifiedResNet
 from .text import TextTower
@@ -71,75 +72,6 @@ def _check_towers(towers: Sequence[str]) -> tuple[str, ...]:
     if unknown or not towers:
         raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {tuple(towers)}")
     return tuple(t for t in TOWERS if t in towers)
-
-
-def pad_token_ids(ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Zero-pad token id lists to the longest one: ``[B, L_max]`` int64."""
-    length = max((len(x) for x in ids), default=1)
-    out = torch.zeros(len(ids), length, dtype=torch.long)
-    for row, seq in enumerate(ids):
-        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out
-
-
-def length_groups(lengths: Sequence[int], overhead_tokens: int) -> list[list[int]]:
-    """Split a text batch into forwards by length, where that costs fewer padded tokens.
-
-    A forward pads every text to its longest, so a batch mixing short queries with long sentences
-    spends most of its work on padding. The batch's indices, sorted by length, are split at the
-    point that most lowers ``rows x longest`` summed over the parts, each part counting
-    ``overhead_tokens`` more for its fixed per-forward cost; each part is split again the same
-    way. Returns index lists (ascending length); a uniform batch stays one group.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    pending = [order] if order else []
-    while pending:
-        part = pending.pop()
-        sizes = [lengths[i] for i in part]
-        best_cost, best_at = len(part) * sizes[-1], 0
-        for k in range(1, len(part)):
-            cost = k * sizes[k - 1] + (len(part) - k) * sizes[-1] + overhead_tokens
-            if cost < best_cost:
-                best_cost, best_at = cost, k
-        if best_at:
-            pending += [part[best_at:], part[:best_at]]
-        else:
-            groups.append(part)
-    return sorted(groups, key=lambda g: lengths[g[0]])
-
-
-# A text forward's fixed cost in padded tokens (rows x length), below which splitting a batch by
-# length does not pay. On CPU (2-core AVX2) a forward costs ~48 ms + ~1.7 ms per padded token row,
-# so ~28 rows; 64 keeps a margin. On a GPU a forward's kernel launches cost about as much as
-# thousands of tokens (an estimate, not yet measured here).
-SPLIT_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
-
-
-def encode_token_ids_by_length(
-    model: AudioCLIP, ids: Sequence[Sequence[int]], overhead_tokens: int | None = None
-) -> torch.Tensor:
-    """``[B, embed_dim]`` float32 embeddings (on the model's device) of token id lists, one forward per
-    length group (``length_groups``; ``overhead_tokens`` defaults to the device's entry above)."""
-    if overhead_tokens is None:
-        overhead_tokens = SPLIT_OVERHEAD_TOKENS.get(model.device.type, SPLIT_OVERHEAD_TOKENS["cuda"])
-    out = torch.empty(len(ids), model.config.embed_dim, device=model.device)
-    for group in length_groups([len(x) for x in ids], overhead_tokens):
-        out[group] = model.encode_tokens(pad_token_ids([ids[i] for i in group]))
-    return out
-
-
-def encode_clips_by_shape(model: AudioCLIP, clips: Sequence[np.ndarray]) -> np.ndarray:
-    """``[N, embed_dim]`` float32 for ``[C, N]`` int16-range clips: clips of equal shape run together,
-    others separately, since padding would change their embeddings."""
-    out = np.empty((len(clips), model.config.embed_dim), dtype=np.float32)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, clip in enumerate(clips):
-        groups.setdefault(clip.shape, []).append(i)
-    for indices in groups.values():
-        batch = torch.from_numpy(np.stack([clips[i] for i in indices]))
-        out[indices] = model.encode_audio(batch).cpu().numpy()
-    return out
 
 
 def l2_normalized(rows: np.ndarray) -> np.ndarray:
@@ -288,7 +220,7 @@ class AudioCLIP(nn.Module):
         size = self.config.image_resolution
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise InvalidInputError(
-                f"pixels must be [B, 3, {size}, {size}], got {list(pixels.shape)}", reason="bad_shape"
+                f"pixels must be [B, 3, {size}, {size}], got {list(pixels.shape)}", reason=Reason.BAD_SHAPE
             )
         pixels = pixels.to(self.device)
         if self.channels_last:
@@ -301,11 +233,22 @@ class AudioCLIP(nn.Module):
         text = self._tower("text", "text")
         return text(tokens.to(self.device)).float()
 
+    def encode_token_ids(
+        self, ids: Sequence[Sequence[int]], overhead_tokens: int | None = None
+    ) -> torch.Tensor:
+        """Unpadded token id lists -> ``[B, embed_dim]`` float32 on the model's device; texts of very
+        different lengths run in separate forwards (``batching.length_groups``; ``overhead_tokens``
+        defaults to the device's), each only as long as its longest text."""
+        if overhead_tokens is None:
+            overhead_tokens = split_overhead_tokens(self.device)
+        out = torch.empty(len(ids), self.config.embed_dim, device=self.device)
+        for group in length_groups([len(x) for x in ids], overhead_tokens):
+            out[group] = self.encode_tokens(pad_token_ids([ids[i] for i in group]))
+        return out
+
     def encode_text(self, texts: Sequence[str], truncate: bool = False) -> torch.Tensor:
-        """One string per item -> ``[B, embed_dim]``; texts of very different lengths run in separate
-        forwards (``length_groups``), each only as long as its longest text."""
-        ids = tokenize_to_ids(texts, self.config.context_length, truncate=truncate)
-        return encode_token_ids_by_length(self, ids)
+        """One string per item -> ``[B, embed_dim]`` (``encode_token_ids`` of the BPE ids)."""
+        return self.encode_token_ids(tokenize_to_ids(texts, self.config.context_length, truncate=truncate))
 
     @torch.inference_mode()
     def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -313,7 +256,8 @@ class AudioCLIP(nn.Module):
         audio = self._tower("audio", "audio")
         if waveform.ndim != 3 or waveform.shape[1] not in (1, 2) or waveform.shape[2] == 0:
             raise InvalidInputError(
-                f"waveform must be [B, C in (1, 2), N > 0], got {list(waveform.shape)}", reason="bad_shape"
+                f"waveform must be [B, C in (1, 2), N > 0], got {list(waveform.shape)}",
+                reason=Reason.BAD_SHAPE,
             )
         return audio(waveform.to(self.device, torch.float32))
 

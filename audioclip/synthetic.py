@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .config import AudioCLIPConfig
+from .model import checkpoint_layout
 
 
 def blackman_harris(length: int) -> np.ndarray:
@@ -70,8 +71,6 @@ def synthetic_state_dict(
     set_name: str = "shared", config: AudioCLIPConfig | None = None
 ) -> dict[str, np.ndarray]:
     """The full checkpoint-named state_dict of synthetic-v1 weights for ``set_name``, as numpy arrays."""
-    from .model import checkpoint_layout  # the layout needs the towers; avoid an import cycle
-
     layout = checkpoint_layout(config or AudioCLIPConfig())
     keys = set(layout)
     out: dict[str, np.ndarray] = {}

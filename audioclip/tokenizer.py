@@ -21,7 +21,7 @@ import ftfy
 import regex
 import torch
 
-from audioclip.errors import AudioCLIPError, InvalidInputError, TextTooLongError
+from audioclip.errors import AudioCLIPError, InvalidInputError, Reason, TextTooLongError
 
 SOT_TOKEN = 49406
 EOT_TOKEN = 49407
@@ -183,7 +183,7 @@ def tokenize_to_ids(
     for index, text in enumerate(_as_text_list(texts)):
         if not isinstance(text, str):
             raise InvalidInputError(
-                f"text {index} is a {type(text).__name__}, not a str", index=index, reason="not_a_string"
+                f"text {index} is a {type(text).__name__}, not a str", index=index, reason=Reason.NOT_A_STRING
             )
         ids = [SOT_TOKEN, *tokenizer.encode(text), EOT_TOKEN]
         result.append(_fit(ids, index, context_length, truncate))

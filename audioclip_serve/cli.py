@@ -126,7 +126,7 @@ def collect(modality: str, path: Path) -> list[Source]:
 def load_model(checkpoint: str, modality: str, device: str) -> AudioCLIP:
     """Only the tower this modality needs; a released checkpoint's name must have its sha256."""
     from audioclip import AudioCLIP, AudioCLIPError
-    from audioclip.checkpoint import load_weights
+    from audioclip.factory import load_weights
 
     try:
         weights, _ = load_weights(checkpoint)
@@ -142,14 +142,17 @@ def _error_text(err: Exception) -> str:
 
 
 class LocalEmbedder:
-    """Runs the model in this process: decode each item (failures are per item), then one forward."""
+    """Runs the model in this process with the library's pipeline, as the served towers do: decode
+    each item (failures are per item), then collate + forward the good ones."""
 
     def __init__(self, model: AudioCLIP, modality: str, normalize: bool, truncate: bool) -> None:
+        from audioclip.pipeline import Options, pipelines
+
         self.model = model
         self.normalize = normalize
-        self.truncate = truncate
-        self.prepare: Callable[[Any], Any] = getattr(self, f"_prepare_{modality}")
-        self.encode: Callable[[list], np.ndarray] = getattr(self, f"_encode_{modality}")
+        self.options = Options(truncate=truncate)
+        self.pipeline = pipelines()[TOWER[modality]]
+        self.reads_files = modality != "text"
 
     def embed(self, items: Sequence[Path | str]) -> BatchResult:
         from audioclip import InvalidInputError
@@ -158,45 +161,13 @@ class LocalEmbedder:
         prepared, kept, failed = [], [], []
         for i, item in enumerate(items):
             try:
-                prepared.append(self.prepare(item))
+                raw = Path(item).read_bytes() if self.reads_files else item
+                prepared.append(self.pipeline.decode(raw, options=self.options))
                 kept.append(i)
             except (InvalidInputError, OSError) as err:
                 failed.append((i, _error_text(err)))
-        rows = self.encode(prepared) if prepared else empty_rows()
+        rows = self.pipeline.embed(self.model, prepared)
         return BatchResult(l2_normalized(rows) if self.normalize else rows, kept, failed)
-
-    def _prepare_images(self, path: Path) -> np.ndarray:
-        from audioclip import crop_to_uint8
-
-        return crop_to_uint8(path.read_bytes())
-
-    def _prepare_audio(self, path: Path) -> np.ndarray:
-        from audioclip import load_audio
-
-        return load_audio(path.read_bytes())
-
-    def _prepare_text(self, text: str) -> list[int]:
-        from audioclip import tokenize_to_ids
-
-        return tokenize_to_ids([text], self.model.config.context_length, truncate=self.truncate)[0]
-
-    def _encode_images(self, crops: list[np.ndarray]) -> np.ndarray:
-        import torch
-
-        from audioclip import normalize_pixels
-
-        pixels = torch.from_numpy(np.stack(crops)).to(self.model.device)
-        return self.model.encode_image(normalize_pixels(pixels)).cpu().numpy()
-
-    def _encode_audio(self, clips: list[np.ndarray]) -> np.ndarray:
-        from audioclip.model import encode_clips_by_shape
-
-        return encode_clips_by_shape(self.model, clips)
-
-    def _encode_text(self, ids: list[list[int]]) -> np.ndarray:
-        from audioclip.model import encode_token_ids_by_length
-
-        return encode_token_ids_by_length(self.model, ids).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------- the service

@@ -6,13 +6,14 @@ runs in a short-lived build task whose objects would die with it.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from .router import Router
-from .settings import AppArgs
+from .settings import AppArgs, Batching
 from .towers import TOWER_DEPLOYMENTS
 from .weights import WeightStore
 
@@ -32,12 +33,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 "num_gpus": tower.num_gpus,
                 "resources": tower.resources,
             },
-            user_config={
-                "max_batch_size": tower.max_batch_size,
-                "batch_wait_timeout_s": tower.batch_wait_timeout_s,
-            },
+            user_config=asdict(Batching.of(tower)),
         )
-        towers[name] = deployment.bind(store, settings.tower_args(name), settings.model_options())
+        towers[name] = deployment.bind(store, settings.tower_args(name))
     router = settings.router
     return Router.options(
         num_replicas=router.num_replicas,
@@ -45,4 +43,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_queued_requests=router.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=router.retry_after_s),
         ray_actor_options={"num_cpus": router.num_cpus, "resources": router.resources},
-    ).bind(store, towers, settings.model_dump())
+    ).bind(store, towers, settings)

@@ -1,7 +1,8 @@
 """Turning HTTP requests into items: JSON (base64 / data URIs), multipart, raw bodies and npy arrays.
 
-Everything here only parses and checks limits; pixels and samples are decoded later, in
-the router's thread pool. Problems become ``ServiceError``s with the right status.
+Everything here only parses and checks the body's size; pixels and samples are decoded later, by
+the core in the router's thread pool. Request problems are ``ServiceError``s; an item's problem is
+the library's ``InvalidInputError`` naming its index.
 """
 
 from __future__ import annotations
@@ -9,15 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
-from typing import Any
 
 import numpy as np
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from .http_errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
-from .settings import Limits
+from audioclip.errors import InvalidInputError, Reason
+
+from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from .settings import LimitSettings
 
 NPY = "application/x-npy"
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
@@ -27,7 +28,7 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, limits: Limits) -> bytes:
+async def read_body(request: Request, limits: LimitSettings) -> bytes:
     """The body, refused with 413 as soon as it passes the byte limit (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
@@ -52,64 +53,33 @@ def query_flag(request: Request, name: str, default: bool) -> bool:
     raise BadRequest(f"query parameter {name!r} must be true or false, got {value!r}")
 
 
-def check_count(items: list, limits: Limits) -> list:
-    if len(items) > limits.max_items:
-        raise PayloadTooLarge(f"{len(items)} items is over the limit of {limits.max_items} per request")
-    return items
+def _not_base64(message: str, index: int | None) -> InvalidInputError:
+    return InvalidInputError(message, index=index, reason=Reason.NOT_BASE64)
 
 
-def load_json_object(body: bytes) -> dict:
-    """A JSON object body; anything else (invalid, too deep, not an object) is a 400."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as err:
-        raise BadRequest(f"body is not valid JSON: {type(err).__name__}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object")
-    return data
-
-
-def parse_json(body: bytes, list_field: str, flags: tuple[str, ...], limits: Limits) -> tuple[list, dict]:
-    """``{list_field: [...], flag: bool, ...}`` -> (items, flags). Unknown fields are refused (typos)."""
-    data = load_json_object(body)
-    unknown = sorted(set(data) - {list_field, *flags})
-    if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; expected {list_field!r} and optional {list(flags)}")
-    if list_field not in data:
-        raise BadRequest(f"missing field {list_field!r}")
-    items = data[list_field]
-    if not isinstance(items, list):
-        raise BadRequest(f"field {list_field!r} must be a list")
-    options = {}
-    for flag in flags:
-        value = data.get(flag, False)
-        if not isinstance(value, bool):
-            raise BadRequest(f"field {flag!r} must be true or false")
-        options[flag] = value
-    return check_count(items, limits), options
-
-
-def decode_base64(value: Any, index: int) -> bytes:
+def decode_base64(value: str, index: int | None) -> bytes:
     """A base64 string or a ``data:<type>;base64,<payload>`` URI -> bytes. No URLs are fetched."""
-    if not isinstance(value, str):
-        raise Unprocessable("item must be a base64 string or a data URI", index=index)
     payload = value
     if value.startswith("data:"):
         header, sep, payload = value.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise Unprocessable("data URI must be base64 encoded (data:<type>;base64,...)", index=index)
+            raise _not_base64("data URI must be base64 encoded (data:<type>;base64,...)", index)
     elif value.startswith(("http://", "https://", "file:", "s3:", "gs:")):
-        raise Unprocessable("URLs are not fetched; send the bytes (base64 or data URI)", index=index)
+        raise _not_base64("URLs are not fetched; send the bytes (base64 or data URI)", index)
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise Unprocessable("item is not valid base64", index=index) from None
+        raise _not_base64("item is not valid base64", index) from None
     if not data:
-        raise Unprocessable("item is empty", index=index)
+        raise InvalidInputError("item is empty", index=index, reason=Reason.EMPTY)
     return data
 
 
-async def multipart_files(request: Request, limits: Limits) -> list[bytes]:
+def decode_all_base64(values: list[str]) -> list[bytes]:
+    return [decode_base64(value, index) for index, value in enumerate(values)]
+
+
+async def multipart_files(request: Request, limits: LimitSettings) -> list[bytes]:
     """The files of a multipart/form-data body, in order."""
     try:
         form = await request.form(max_files=limits.max_items, max_fields=limits.max_items)
@@ -122,7 +92,7 @@ async def multipart_files(request: Request, limits: Limits) -> list[bytes]:
     await form.close()
     if not files:
         raise BadRequest("multipart body has no files")
-    return check_count(files, limits)
+    return files
 
 
 def load_npy(body: bytes) -> np.ndarray:
@@ -132,7 +102,7 @@ def load_npy(body: bytes) -> np.ndarray:
         raise BadRequest(f"body is not a valid .npy array: {type(err).__name__}") from None
 
 
-async def read_json_body(request: Request, kind: str, limits: Limits) -> bytes:
+async def read_json_body(request: Request, kind: str, limits: LimitSettings) -> bytes:
     """The body of a JSON-only route: 415 for any other content type, 413 past the byte limit."""
     if media_type(request) != "application/json":
         raise unsupported(kind, media_type(request), ("application/json",))

@@ -1,10 +1,18 @@
-"""Typed application arguments: what a serve config's ``args`` may say, with defaults."""
+"""Typed application arguments: what a serve config's ``args`` may say, with defaults.
+
+The deployments receive typed objects built from these (``TowerArgs``, ``Limits``, ``AppArgs``),
+never loose dicts; every default is stated once, here or in the library it comes from.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from audioclip.factory import TowerBuild
+from audioclip.pipeline import DEFAULT_LIMITS, Limits, Pipeline, pipelines
 
 Tower = Literal["image", "text", "audio"]
 
@@ -42,33 +50,30 @@ class TowerSettings(_Strict):
     def ongoing_limit(self) -> int:
         return max(self.max_ongoing_requests or 0, 2 * self.max_batch_size)
 
-
-def conv_layout(
-    tower: str, device: str, channels_last: bool | None, fold_batchnorm: bool | None, audio_norm: str
-) -> tuple[bool, bool]:
-    """(NHWC weights, BatchNorm folded) for a tower, from its settings or the measured defaults.
-
-    NHWC: on for audio (1.16-1.26x on CPU) and on GPU; image on CPU gains only 1.08-1.09x at batch
-    1-8, not worth a private 90 MiB copy of its conv weights per replica. Folding copies the conv
-    weights too, so by default it is on exactly where NHWC is; never with per-clip audio statistics.
-    Settings that cannot apply are refused earlier, when ``AppArgs`` validates the config.
-    """
-    if tower == "text":
-        return False, False
-    nhwc = channels_last if channels_last is not None else (tower == "audio" or device == "cuda")
-    foldable = not (tower == "audio" and audio_norm != "running")
-    fold = foldable and (nhwc if fold_batchnorm is None else fold_batchnorm)
-    return nhwc, fold
+    def build(self, audio_norm: str) -> TowerBuild:
+        """How the tower's model is built (on CUDA where it has GPUs and the replica finds one)."""
+        return TowerBuild(
+            device="cuda" if self.num_gpus > 0 else "cpu",
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+            fold_batchnorm=self.fold_batchnorm,
+            audio_norm=audio_norm,
+        )
 
 
-class Limits(_Strict):
-    """Request limits, enforced in the router before any decoding where possible."""
+class LimitSettings(_Strict):
+    """Request limits: the body's bytes, checked as it streams in, and the library's ``Limits``,
+    checked while decoding (from the header where it tells), wherever decoding happens."""
 
-    max_items: int = Field(256, ge=1)
+    max_items: int = Field(DEFAULT_LIMITS.max_items, ge=1)
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_pixels: int = Field(50_000_000, ge=1)
-    max_audio_seconds: float = Field(300.0, gt=0.0)
-    max_text_chars: int = Field(20_000, ge=1)
+    max_pixels: int = Field(DEFAULT_LIMITS.max_pixels, ge=1)
+    max_audio_seconds: float = Field(DEFAULT_LIMITS.max_audio_seconds, gt=0.0)
+    max_text_chars: int = Field(DEFAULT_LIMITS.max_text_chars, ge=1)
+
+    @property
+    def items(self) -> Limits:
+        return Limits(self.max_items, self.max_pixels, self.max_audio_seconds, self.max_text_chars)
 
 
 class RouterSettings(_Strict):
@@ -101,7 +106,7 @@ class AppArgs(_Strict):
     text: TowerSettings = Field(default_factory=TowerSettings)
     audio: TowerSettings = Field(default_factory=lambda: TowerSettings(max_batch_size=8))
     router: RouterSettings = Field(default_factory=RouterSettings)
-    limits: Limits = Field(default_factory=Limits)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @model_validator(mode="after")
     def _towers_unique(self) -> AppArgs:
@@ -123,22 +128,40 @@ class AppArgs(_Strict):
     def tower(self, name: str) -> TowerSettings:
         return getattr(self, name)
 
-    def tower_args(self, name: str) -> dict[str, Any]:
-        """What a tower's constructor takes: only settings that need a restart (batching changes
+    def pipelines(self) -> dict[str, Pipeline]:
+        return pipelines(self.router.fast_decode, self.fixed_clip_seconds)
+
+    def tower_args(self, name: Tower) -> TowerArgs:
+        """What a tower's constructor takes: only what needs a restart to change (batching changes
         live through ``user_config``)."""
         tower = self.tower(name)
-        return {
-            "num_gpus": tower.num_gpus,
-            "dtype": tower.dtype,
-            "torch_threads": tower.torch_threads,
-            "channels_last": tower.channels_last,
-            "fold_batchnorm": tower.fold_batchnorm,
-        }
+        return TowerArgs(
+            tower=name,
+            build=tower.build(self.audio_norm),
+            threads=tower.torch_threads,
+            limits=self.limits.items,
+            pipeline=self.pipelines()[name],
+        )
 
-    def model_options(self) -> dict[str, Any]:
-        """Model-wide options every tower gets."""
-        return {
-            "audio_norm": self.audio_norm,
-            "fixed_clip_seconds": self.fixed_clip_seconds,
-            "max_audio_seconds": self.limits.max_audio_seconds,
-        }
+
+@dataclass(frozen=True)
+class TowerArgs:
+    """A tower replica's constructor arguments."""
+
+    tower: Tower
+    build: TowerBuild
+    threads: int
+    limits: Limits  # for items that reach the tower undecoded (a handle call straight to it)
+    pipeline: Pipeline
+
+
+@dataclass(frozen=True)
+class Batching:
+    """A tower's ``user_config``: changes apply to running replicas, without a restart."""
+
+    max_batch_size: int
+    batch_wait_timeout_s: float
+
+    @classmethod
+    def of(cls, tower: TowerSettings) -> Batching:
+        return cls(tower.max_batch_size, tower.batch_wait_timeout_s)

@@ -7,11 +7,13 @@ puts them, and the app builder's process exits right after building (``serve dep
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import ray
 from ray import serve
 
-from audioclip.checkpoint import load_weights, tower_part
+from audioclip.checkpoint import tower_part
+from audioclip.factory import load_weights
 from audioclip.model import LogitScales
 
 logger = logging.getLogger("ray.serve")
@@ -22,7 +24,8 @@ class WeightStore:
     """Holds one object-store reference per tower; towers borrow them at start-up."""
 
     def __init__(self, checkpoint: str, towers: list[str]) -> None:
-        arrays, self._info = load_weights(checkpoint)
+        arrays, weights = load_weights(checkpoint)
+        self._info = asdict(weights)
         # one dict per tower, each with the logit scales, so a tower can load strictly on its own
         self._refs = {tower: ray.put(tower_part(arrays, tower)) for tower in towers}
         self._info["towers"] = list(towers)

@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from audioclip.model import AudioCLIP, encode_token_ids_by_length, pad_token_ids
+from audioclip.batching import pad_token_ids
+from audioclip.model import AudioCLIP
+from audioclip.pipeline import pipelines
 from audioclip.synthetic import synthetic_state_dict
-from audioclip.tokenizer import tokenize, tokenize_to_ids
+from audioclip.tokenizer import tokenize
 
 SAMPLE_RATE = 44100
 CLIP_SECONDS = 5.0
@@ -246,11 +246,12 @@ def encode_tokens_full_context(model: AudioCLIP, tokens: torch.Tensor) -> torch.
 
 
 def bench_text(model: AudioCLIP, batches: Sequence[int], budget: Budget) -> list[Row]:
+    pipeline = pipelines()["text"]  # decode (tokenizing) and the text tower's collate + forward
     rows = []
     for kind, make in (("queries", queries), ("sentences", sentences)):
         for batch in batches:
             texts = make(batch)
-            lengths = [len(ids) for ids in tokenize_to_ids(texts)]
+            lengths = [len(item.ids) for item in pipeline.prepare_all(texts)]
             case = f"{kind}, {min(lengths)}-{max(lengths)} tokens"
             variants = [
                 (
@@ -265,10 +266,14 @@ def bench_text(model: AudioCLIP, batches: Sequence[int], budget: Budget) -> list
         if batch < 4:
             continue
         texts = queries(batch - batch // 4) + sentences(batch // 4)
-        ids = tokenize_to_ids(texts)
+        items = pipeline.prepare_all(texts)  # as the router decodes them
+        ids = [item.ids for item in items]
         variants = [
             ("one forward, padded to the longest", lambda i=ids: model.encode_tokens(pad_token_ids(i))),
-            ("split by length (the text tower's way)", lambda i=ids: encode_token_ids_by_length(model, i)),
+            (
+                "split by length (the text tower's way)",
+                lambda p=items: torch.from_numpy(pipeline.embed(model, p)),
+            ),
         ]
         rows += bench_case("text", "mixed: 3/4 queries, 1/4 sentences", batch, variants, budget)
     return rows

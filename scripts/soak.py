@@ -128,7 +128,7 @@ def main() -> None:
     app = None
     url = args.url or "http://127.0.0.1:8000"
     if args.start_demo:  # serve run of the demo config on a free port, as the benchmark does it
-        from bench import ServeApp  # scripts/ is on sys.path when this script runs
+        from audioclip_serve.bench.serveapp import ServeApp
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         app = ServeApp(ROOT / "configs" / "demo.yaml", Path(tempfile.mkdtemp()), ready_timeout_s=300)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 
-import httpx
+from audioclip_serve.bench.serveapp import free_port, wait_ready
+
+__all__ = ["ENV_KEY_VAR", "TEST_ARGS", "free_port", "wait_ready"]
 
 # An API key that only the environment carries, for the router's ``api_key_env``: set before any
 # test starts its Ray cluster, so every replica (a child of that cluster) inherits it.
@@ -28,22 +28,3 @@ TEST_ARGS = {
         "max_text_chars": 5000,
     },
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base_url: str, timeout_s: float = 240.0) -> float:
-    """Seconds until ``/readyz`` answers 200."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=10).status_code == 200:
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{base_url} not ready after {timeout_s} s")

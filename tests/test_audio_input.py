@@ -190,9 +190,9 @@ def test_too_long_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) ->
         raise AssertionError("samples were decoded")
 
     monkeypatch.setattr(sf.SoundFile, "read", no_decoding)
-    error = _expect("too_long", data, max_seconds=1.5)
+    error = _expect("audio_too_long", data, max_seconds=1.5)
     assert "2.0 s" in str(error)
-    _expect("too_long", np.zeros(44101, dtype=np.float32), sample_rate=44100, max_seconds=1.0)
+    _expect("audio_too_long", np.zeros(44101, dtype=np.float32), sample_rate=44100, max_seconds=1.0)
 
 
 @pytest.mark.parametrize("bad", [1.0001, -1.5, 1e300])

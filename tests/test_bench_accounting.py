@@ -1,18 +1,22 @@
-"""The benchmark's bookkeeping: which batches belong to a case, and which config it reads."""
+"""The benchmark's bookkeeping: which batches belong to a case, which config it reads, what the raw
+path runs, the CPU per request, and the readiness wait the soak and the tests share."""
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from audioclip_serve.bench.meter import TowerStats, cpu_ms_per_request
+from audioclip_serve.bench.raw import app_settings, raw_call
+from audioclip_serve.bench.report import ServedResult, cpu_per_request_table
+from audioclip_serve.bench.serveapp import free_port, wait_ready
+from deployments.settings import AppArgs
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("bench", bench)
-_spec.loader.exec_module(bench)
 
 
 def _snapshot(pid: int, sizes: list[int], total: int) -> dict:
@@ -20,7 +24,7 @@ def _snapshot(pid: int, sizes: list[int], total: int) -> dict:
 
 
 def test_batches_between_snapshots_are_the_new_ones_only():
-    between = bench.TowerStats.batches_between
+    between = TowerStats.batches_between
     assert between(_snapshot(1, [1, 1], 2), _snapshot(1, [1, 1, 4, 4, 2], 5)) == [4, 4, 2]
     # the replica keeps only its latest sizes: a full list of equal sizes still counts right
     assert between(_snapshot(1, [8] * 4096, 5000), _snapshot(1, [8] * 4096, 5200)) == [8] * 200
@@ -32,9 +36,55 @@ def test_batches_between_snapshots_are_the_new_ones_only():
 
 
 def test_app_settings_come_from_the_named_application(tmp_path):
-    settings = bench.app_settings(ROOT / "configs" / "gpu.yaml")
+    settings = app_settings(ROOT / "configs" / "gpu.yaml")
     assert settings.image.num_replicas == 2 and settings.image.dtype == "fp16"
     other = tmp_path / "other.yaml"
     other.write_text("applications:\n  - name: something-else\n    import_path: x:y\n")
     with pytest.raises(SystemExit, match="no application named"):
-        bench.app_settings(other)
+        app_settings(other)
+
+
+def test_raw_call_runs_the_served_text_pipeline(shared_weights):
+    """The raw path decodes and embeds through the app's pipelines: a text tower built as the
+    replicas build it gives ``encode_text``'s rows, as float32 on the CPU."""
+    from audioclip.factory import build_tower
+
+    settings = AppArgs()
+    model = build_tower(shared_weights, "text", settings.tower("text").build(settings.audio_norm))
+    texts = ["a dog barking", "heavy rain on a tin roof at night, recorded from far away in a storm"]
+    out = raw_call(model, "text", texts, settings)()
+    assert out.dtype == np.float32 and out.shape == (2, model.config.embed_dim)
+    np.testing.assert_allclose(out, model.encode_text(texts).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_ms_per_request_counts_the_serving_cluster_only():
+    cores = {
+        "proxy": 0.2,
+        "Router": 0.3,
+        "TextEncoder": 1.2,
+        "controller": 0.05,
+        "ray system": 0.05,
+        "load client": 0.4,
+        "bench driver": 0.01,
+        "other": 0.02,
+        "total": 2.23,
+    }
+    ms = cpu_ms_per_request(cores, wall_s=10.0, requests=1000)
+    expected = {"Router": 3.0, "TextEncoder": 12.0, "other Ray": 1.0, "proxy": 2.0, "total": 18.0}
+    assert ms == pytest.approx(expected)
+    assert cpu_ms_per_request(cores, wall_s=10.0, requests=0) == {}
+    served = ServedResult("http", "queries", "text", 1, 8, requests=1000, cpu_ms_per_request=ms)
+    skipped = ServedResult("http", "large", "image", 32, 8, skipped="too big")
+    table = cpu_per_request_table([served, skipped]).splitlines()
+    assert table[0] == "| case | proxy | Router | TextEncoder | other Ray | total |"
+    assert table[2:] == ["| http queries x1 c8 | 2.0 | 3.0 | 12.0 | 1.0 | 18.0 |"]
+
+
+def test_wait_ready_fails_fast_when_the_server_process_exits():
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        wait_ready(url, 60, proc)
+    with pytest.raises(TimeoutError, match="not 200 after"):
+        wait_ready(url, timeout_s=0.5)  # nobody listens: the tests' call, without a process

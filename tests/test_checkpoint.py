@@ -166,11 +166,11 @@ def test_reduced_precision_towers(shared_checkpoint, golden):
 
 
 def test_a_released_checkpoint_name_with_other_bytes_is_refused_before_loading(shared_checkpoint, tmp_path):
-    from audioclip.checkpoint import load_weights
+    from audioclip.factory import load_weights
 
     impostor = tmp_path / "AudioCLIP-Full-Training.pt"
     impostor.write_bytes(shared_checkpoint.read_bytes())  # loadable, but not the released file
     with pytest.raises(CheckpointError, match="not the released"):
         load_weights(impostor)
     arrays, info = load_weights(shared_checkpoint)  # any other name loads, its sha256 reported
-    assert info["kind"] == "real" and len(info["sha256"]) == 64 and "logit_scale" in arrays
+    assert info.kind == "real" and len(info.sha256) == 64 and "logit_scale" in arrays

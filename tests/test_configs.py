@@ -33,7 +33,7 @@ def test_gpu_config_puts_every_tower_on_the_gpu():
 
 
 def test_conv_layout_defaults():
-    from deployments.settings import conv_layout
+    from audioclip.factory import conv_layout
 
     assert conv_layout("audio", "cpu", None, None, "running") == (True, True)
     assert conv_layout("image", "cpu", None, None, "running") == (False, False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import audioclip
-from audioclip.model import encode_token_ids_by_length, length_groups, pad_token_ids
+from audioclip.batching import length_groups, pad_token_ids
 from audioclip.tokenizer import tokenize_to_ids
 
 TEXTS = [
@@ -172,6 +172,6 @@ def test_text_embeddings_do_not_depend_on_the_length_groups(model):
     ids = tokenize_to_ids(texts, model.config.context_length)
     together = model.encode_tokens(pad_token_ids(ids))
     assert len(length_groups([len(x) for x in ids], overhead_tokens=0)) >= 2
-    apart = encode_token_ids_by_length(model, ids, overhead_tokens=0)
+    apart = model.encode_token_ids(ids, overhead_tokens=0)
     assert _close(apart, together, rel=1e-5)
     assert _close(model.encode_text(texts), together, rel=1e-5)  # encode_text splits the same way

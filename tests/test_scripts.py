@@ -44,7 +44,7 @@ def test_download_script_fails_clearly_offline(tmp_path):
 
 
 def test_fit_length_centres_like_the_reference():
-    from deployments.towers import fit_length
+    from audioclip.pipeline import fit_length
 
     clip = np.arange(10, dtype=np.float32)[None]
     assert fit_length(clip, 10) is clip

@@ -1,0 +1,230 @@
+"""The embedding core: what the service does with items, knowing nothing of HTTP.
+
+Decoding in a thread pool (once, with the modality's pipeline), chunking a request into tower
+batches, the fan-out to the towers, the mapping of an item error back to the caller's position,
+normalisation and ranking. The router's handle API and its HTTP layer both call it; tests can call
+it directly with any ``TowerClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from audioclip.errors import InvalidInputError, Reason
+from audioclip.model import l2_normalized
+from audioclip.pipeline import DEFAULT_OPTIONS, Limits, Options, Pipeline, Prepared, count_check
+
+from . import ranking
+
+EMBED_DIM = 1024
+
+
+@dataclass(frozen=True)
+class TowerAnswer:
+    """One request's answer from a tower: its rows, or its item error as a value (never raised
+    across Ray, so no replica logs a client's mistake), with where the time went."""
+
+    embeddings: np.ndarray | None
+    error: InvalidInputError | None
+    queue_ms: float
+    inference_ms: float
+    checkpoint: str  # sha256 of the weights that made the rows
+
+
+class TowerClient(Protocol):
+    async def embed_prepared(self, modality: str, items: list[Prepared]) -> TowerAnswer: ...
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent decoding, waiting for a batch and in the batch's forward. A request's
+    chunks run concurrently, so each keeps the longest."""
+
+    preprocess_ms: float = 0.0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+
+    def merge(self, other: Timings) -> None:
+        self.preprocess_ms = max(self.preprocess_ms, other.preprocess_ms)
+        self.queue_ms = max(self.queue_ms, other.queue_ms)
+        self.inference_ms = max(self.inference_ms, other.inference_ms)
+
+
+@dataclass
+class Embedded:
+    """Rows in input order, the tokens they cost (text), timings and the checkpoints that made them."""
+
+    embeddings: np.ndarray
+    usage_tokens: int = 0
+    timings: Timings = field(default_factory=Timings)
+    checkpoints: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Ranked:
+    results: list[dict]
+    timings: Timings
+    checkpoints: set[str]
+
+
+def unwrap(err: InvalidInputError) -> InvalidInputError:
+    """The library error itself, not Ray's wrapper around it (whose text holds a traceback)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, InvalidInputError) else err
+
+
+def relocated(err: InvalidInputError, positions: Sequence[int | None]) -> InvalidInputError:
+    """An error about item ``i`` of a sub-list, addressed to ``positions[i]`` in the caller's request:
+    the one place where item indexes are re-mapped (chunks, rank groups)."""
+    err = unwrap(err)
+    return err if err.index is None else err.at_index(positions[err.index])
+
+
+def modality_of(item: Any, index: int | None) -> str:
+    """A rank query/candidate is ``{"text" | "image" | "audio": value}``."""
+    if not isinstance(item, Mapping) or len(item) != 1 or next(iter(item)) not in ranking.MODALITIES:
+        raise InvalidInputError(
+            "each query/candidate must be an object with exactly one of 'text', 'image', 'audio'",
+            index=index,
+            reason=Reason.BAD_ITEM,
+        )
+    return next(iter(item))
+
+
+class EmbeddingCore:
+    def __init__(
+        self,
+        towers: TowerClient,
+        served: Sequence[str],
+        pipelines: Mapping[str, Pipeline],
+        limits: Limits,
+        chunk_sizes: Mapping[str, int],
+        pool: Executor,
+        on_decoded: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.towers = towers
+        self.served = tuple(served)
+        self.pipelines = pipelines
+        self.limits = limits
+        self.chunk_sizes = chunk_sizes
+        self.pool = pool
+        self.on_decoded = on_decoded  # (modality, milliseconds): the router's metric
+
+    # ------------------------------------------------------------------ decoding
+    async def decode(
+        self, modality: str, items: Sequence[Any], options: Options = DEFAULT_OPTIONS
+    ) -> tuple[list[Prepared], float]:
+        """Every item prepared in the pool, and the milliseconds it took. Texts go as one task
+        (tokenizing is cheap); images and clips one task each, so decode threads share them. The
+        error of the first bad item (by position) is raised."""
+        self._check_served(modality)
+        pipeline = self.pipelines[modality]
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        if modality == "text":
+            prepared = await loop.run_in_executor(
+                self.pool, pipeline.prepare_all, items, self.limits, options
+            )
+        else:
+            count_check(items, self.limits)
+            tasks = [
+                loop.run_in_executor(self.pool, pipeline.prepare, i, self.limits, options) for i in items
+            ]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for index, result in enumerate(results):
+                if isinstance(result, InvalidInputError):
+                    raise result.at_index(index)
+                if isinstance(result, BaseException):
+                    raise result
+            prepared = list(results)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if self.on_decoded is not None:
+            self.on_decoded(modality, elapsed_ms)
+        return prepared, elapsed_ms
+
+    # ------------------------------------------------------------------ embedding
+    async def embed(
+        self,
+        modality: str,
+        items: Sequence[Any],
+        *,
+        normalize: bool = False,
+        options: Options = DEFAULT_OPTIONS,
+    ) -> Embedded:
+        """Client items (raw or already prepared) -> ``[N, 1024]`` float32 rows in input order.
+        Raises ``InvalidInputError`` naming the first bad item's position."""
+        prepared, preprocess_ms = await self.decode(modality, items, options)
+        result = await self.embed_prepared(modality, prepared)
+        result.timings.preprocess_ms = preprocess_ms
+        result.usage_tokens = self.pipelines[modality].usage_tokens(prepared)
+        if normalize:
+            result.embeddings = l2_normalized(result.embeddings)
+        return result
+
+    async def embed_prepared(self, modality: str, prepared: Sequence[Prepared]) -> Embedded:
+        """Prepared items in chunks of the tower's batch size, concurrently; rows concatenated."""
+        self._check_served(modality)
+        if not prepared:
+            return Embedded(np.zeros((0, EMBED_DIM), dtype=np.float32))
+        chunk = self.chunk_sizes[modality]
+        starts = range(0, len(prepared), chunk)
+        answers = await asyncio.gather(
+            *(self.towers.embed_prepared(modality, list(prepared[s : s + chunk])) for s in starts)
+        )
+        result = Embedded(np.zeros((0, EMBED_DIM), dtype=np.float32))
+        for start, answer in zip(starts, answers, strict=True):
+            if answer.error is not None:
+                raise relocated(answer.error, range(start, start + chunk))
+            result.timings.merge(Timings(0.0, answer.queue_ms, answer.inference_ms))
+            result.checkpoints.add(answer.checkpoint)
+        parts = [np.asarray(a.embeddings) for a in answers]
+        result.embeddings = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return result
+
+    # ------------------------------------------------------------------ ranking
+    async def rank(
+        self,
+        query: Mapping[str, Any],
+        candidates: Sequence[Mapping[str, Any]],
+        scales: Mapping[str, float],
+        top_k: int | None = None,
+    ) -> Ranked:
+        """Candidates sorted by probability (softmax of the checkpoint's logit scale for each
+        modality pair times the cosine), each with its ``index``, ``modality``, ``cosine`` and
+        ``probability``. Items are ``{"text": str}``, ``{"image": bytes}`` or ``{"audio": bytes}``."""
+        count_check(candidates, self.limits)
+        items = [query, *candidates]
+        where: list[int | None] = [None, *range(len(candidates))]  # the query has no index
+        kinds = [modality_of(item, where[i]) for i, item in enumerate(items)]
+        vectors = np.zeros((len(items), EMBED_DIM), dtype=np.float32)
+        timings, checkpoints = Timings(), set()
+
+        async def embed_group(kind: str) -> None:
+            positions = [i for i, k in enumerate(kinds) if k == kind]
+            if not positions:
+                return
+            try:
+                done = await self.embed(kind, [items[i][kind] for i in positions])
+            except InvalidInputError as err:
+                raise relocated(err, [where[i] for i in positions]) from None
+            vectors[positions] = done.embeddings
+            timings.merge(done.timings)
+            checkpoints.update(done.checkpoints)
+
+        await asyncio.gather(*(embed_group(k) for k in ranking.MODALITIES))
+        results = ranking.rank(vectors[0], kinds[0], vectors[1:], kinds[1:], scales, top_k)
+        return Ranked(results, timings, checkpoints)
+
+    def _check_served(self, modality: str) -> None:
+        if modality not in self.served:
+            raise InvalidInputError(
+                f"this deployment does not serve the {modality} tower (towers: {list(self.served)})",
+                reason=Reason.TOWER_NOT_SERVED,
+            )

@@ -1,0 +1,198 @@
+"""The JSON bodies of the HTTP API as pydantic models: they validate requests (one parser per body)
+and describe every request and response in ``/openapi.json``.
+
+A validation problem inside an item list (``texts[3]`` is a number) is that item's error, a 422
+naming its index, like any item the pipeline refuses; anything else about the body is a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictBool, ValidationError, model_validator
+
+from audioclip.errors import InvalidInputError, Reason
+
+from .errors import BadRequest
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextRequest(Body):
+    texts: list[str] = Field(description="one string per item")
+    normalize: StrictBool = Field(False, description="L2-normalise the embeddings")
+    truncate: StrictBool = Field(False, description="cut texts over 77 tokens instead of refusing them")
+
+
+class ImageJSONRequest(Body):
+    images: list[str] = Field(description="base64 or data-URI encoded image files (no URL is fetched)")
+    normalize: StrictBool = False
+
+
+class AudioJSONRequest(Body):
+    audio: list[str] = Field(description="base64 or data-URI encoded audio files (no URL is fetched)")
+    normalize: StrictBool = False
+
+
+class RankItem(Body):
+    """Exactly one of the three: a text, or a base64 / data-URI image or audio file."""
+
+    text: str | None = None
+    image: str | None = None
+    audio: str | None = None
+
+    @model_validator(mode="after")
+    def _one_modality(self) -> RankItem:
+        if len(self.model_fields_set) != 1 or getattr(self, next(iter(self.model_fields_set))) is None:
+            raise ValueError("exactly one of 'text', 'image', 'audio'")
+        return self
+
+    def item(self) -> dict[str, str]:
+        [(key, value)] = self.model_dump(exclude_unset=True).items()
+        return {key: value}
+
+
+class RankRequest(Body):
+    query: RankItem
+    candidates: list[RankItem]
+    top_k: PositiveInt | None = None
+
+
+class OpenAIEmbeddingsRequest(Body):
+    """OpenAI's embeddings request, plus ``modality`` for image and audio inputs (base64 / data URIs)."""
+
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(
+        None, description="only 1024: AudioCLIP was not trained for shorter vectors"
+    )
+    user: str | None = None
+    modality: Literal["text", "image", "audio"] = "text"
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="the reason, e.g. undecodable, text_too_long, payload_too_large")
+    message: str
+    index: int | None = Field(description="the failing item's position in the request, if an item failed")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    modality: Literal["text", "image", "audio"]
+    dim: int
+    normalized: bool
+    embeddings: list[list[float]]
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 little-endian float32 bytes")
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class RankResult(BaseModel):
+    index: int
+    modality: Literal["text", "image", "audio"]
+    cosine: float
+    probability: float
+
+
+class RankResponse(BaseModel):
+    model: str
+    results: list[RankResult]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "not_ready"]
+    towers: list[str] = Field(
+        description="ready: the towers served; not ready: those without a running replica"
+    )
+
+
+class ModelsResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    dim: int
+    checkpoint_sha256: str
+    weights: Literal["real", "synthetic"]
+    towers: dict[str, dict[str, Any]]
+    logit_scales: dict[str, float]
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+
+
+# Fields holding item lists, and the reason an item of the wrong type gets.
+_ITEM_LISTS = {
+    "texts": Reason.NOT_A_STRING,
+    "input": Reason.NOT_A_STRING,
+    "images": Reason.NOT_BASE64,
+    "audio": Reason.NOT_BASE64,
+    "candidates": Reason.BAD_ITEM,
+}
+_ITEM_MESSAGES = {
+    Reason.NOT_A_STRING: "text must be a string",
+    Reason.NOT_BASE64: "item must be a base64 string or a data URI",
+    Reason.BAD_ITEM: "each candidate must be an object with exactly one of 'text', 'image', 'audio'",
+}
+B = TypeVar("B", bound=Body)
+
+
+def _item_error(error: dict) -> InvalidInputError | None:
+    """The item error a validation problem is, if it lies inside an item list (or the rank query)."""
+    loc = error["loc"]
+    if loc and loc[0] == "query" and error["type"] != "missing":
+        return InvalidInputError(
+            _ITEM_MESSAGES[Reason.BAD_ITEM].replace("candidate", "query"), reason=Reason.BAD_ITEM
+        )
+    index = next((part for part in loc[1:] if isinstance(part, int)), None)
+    if not loc or loc[0] not in _ITEM_LISTS or index is None:
+        return None
+    reason = _ITEM_LISTS[loc[0]]
+    return InvalidInputError(_ITEM_MESSAGES[reason], index=index, reason=reason)
+
+
+def _request_error(error: dict, model: type[Body]) -> BadRequest:
+    loc, kind = error["loc"], error["type"]
+    if kind == "json_invalid":
+        return BadRequest(f"body is not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}")
+    if not loc:
+        return BadRequest("body must be a JSON object")
+    field = ".".join(str(part) for part in loc)
+    if kind == "extra_forbidden":
+        return BadRequest(f"unknown field {field!r}; the fields are {list(model.model_fields)}")
+    if kind == "missing":
+        return BadRequest(f"missing field {field!r}")
+    return BadRequest(f"field {field!r}: {error['msg']}")
+
+
+def parse_body(model: type[B], body: bytes) -> B:
+    """The body validated by ``model``; item problems raise ``InvalidInputError`` (the first item by
+    position), anything else ``BadRequest``."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        errors = err.errors(include_url=False, include_input=False)
+        errors.sort(key=lambda e: e["type"] != "extra_forbidden")  # a typo'd field explains a missing one
+        items = [e for e in (_item_error(error) for error in errors) if e is not None]
+        if items:
+            raise min(items, key=lambda e: -1 if e.index is None else e.index) from None
+        raise _request_error(errors[0], model) from None

@@ -1,0 +1,91 @@
+"""The embedding core on its own: no HTTP, no Ray, towers run in this process by the pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import INPUTS, assert_matches
+
+import audioclip
+from audioclip.pipeline import DEFAULT_LIMITS, Limits, Prepared, pipelines
+from deployments.core import EmbeddingCore, TowerAnswer
+
+
+class InProcessTowers:
+    """A ``TowerClient`` that runs the tower's own collate + forward here, and records the calls."""
+
+    def __init__(self, model: audioclip.AudioCLIP) -> None:
+        self.model = model
+        self.pipelines = pipelines()
+        self.calls: list[tuple[str, int]] = []
+
+    async def embed_prepared(self, modality: str, items: list[Prepared]) -> TowerAnswer:
+        self.calls.append((modality, len(items)))
+        rows = self.pipelines[modality].embed(self.model, items)
+        return TowerAnswer(rows, None, 0.0, 1.0, "sha")
+
+
+@pytest.fixture(scope="module")
+def towers(model):
+    return InProcessTowers(model)
+
+
+def _core(towers, chunk: int = 2, limits: Limits = DEFAULT_LIMITS) -> EmbeddingCore:
+    return EmbeddingCore(
+        towers, ["text", "image"], pipelines(), limits, {"text": chunk, "image": chunk}, ThreadPoolExecutor(2)
+    )
+
+
+def test_chunks_fan_out_and_come_back_in_order(towers, model):
+    texts = [f"a sound number {i}" for i in range(5)]
+    towers.calls.clear()
+    result = asyncio.run(_core(towers).embed("text", texts))
+    assert towers.calls == [("text", 2), ("text", 2), ("text", 1)]
+    assert_matches(result.embeddings, model.encode_text(texts), 0.99999)
+    ids = audioclip.tokenize_to_ids(texts)
+    assert result.usage_tokens == sum(len(x) for x in ids) and result.checkpoints == {"sha"}
+
+
+def test_an_item_error_names_its_position_in_the_request(towers):
+    texts = ["ok", "fine", "word " * 100, "ok"]
+    with pytest.raises(audioclip.InvalidInputError) as info:
+        asyncio.run(_core(towers).embed("text", texts))
+    assert (info.value.index, info.value.reason) == (2, "text_too_long")
+    images = [(INPUTS / "rocket.jpg").read_bytes(), b"not an image", b"nor this"]
+    with pytest.raises(audioclip.InvalidInputError) as info:
+        asyncio.run(_core(towers).embed("image", images))
+    assert (info.value.index, info.value.reason) == (1, "undecodable")  # the first bad one, always
+
+
+def test_limits_and_unserved_towers_are_item_errors(towers):
+    with pytest.raises(audioclip.InvalidInputError) as info:
+        asyncio.run(_core(towers, limits=Limits(max_items=3)).embed("text", ["a"] * 4))
+    assert info.value.reason == "too_many_items"
+    with pytest.raises(audioclip.InvalidInputError) as info:
+        asyncio.run(_core(towers, limits=Limits(max_text_chars=5)).embed("text", ["short", "too long"]))
+    assert (info.value.index, info.value.reason) == (1, "text_too_many_chars")
+    with pytest.raises(audioclip.InvalidInputError) as info:
+        asyncio.run(_core(towers).embed("audio", [b"x"]))
+    assert info.value.reason == "tower_not_served"
+
+
+def test_rank_maps_errors_to_candidates_and_scores_like_the_model(towers, model):
+    image = (INPUTS / "rocket.jpg").read_bytes()
+    scales = model.logit_scales._asdict()
+    labels = [{"text": "a rocket"}, {"text": "a cup of coffee"}, {"text": "a dog"}]
+    ranked = asyncio.run(_core(towers).rank({"image": image}, labels, scales))
+    vector = model.encode_image(audioclip.preprocess_image(image)[None]).numpy()[0]
+    texts = model.encode_text([c["text"] for c in labels]).numpy()
+    cosine = texts @ vector / np.linalg.norm(texts, axis=1) / np.linalg.norm(vector)
+    assert [r["index"] for r in ranked.results] == list(np.argsort(-cosine, kind="stable"))
+    assert abs(sum(r["probability"] for r in ranked.results) - 1) < 1e-6
+    bad = [{"text": "ok"}, {"image": b"broken"}, {"text": "word " * 100}]
+    with pytest.raises(audioclip.InvalidInputError) as info:
+        asyncio.run(_core(towers).rank({"text": "q"}, bad, scales))
+    assert info.value.index in (1, 2)  # groups run concurrently; either bad candidate, never the query
+    with pytest.raises(audioclip.InvalidInputError) as info:
+        asyncio.run(_core(towers).rank({"video": "q"}, labels, scales))
+    assert (info.value.index, info.value.reason) == (None, "bad_item")
