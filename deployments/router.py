@@ -3,9 +3,10 @@ layer (``http_api``) and the handle API (the methods below) over it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,10 +15,12 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
+from audioclip.errors import InvalidInputError
 from audioclip.pipeline import Options, Prepared
 
 from . import http_api
 from .core import EMBED_DIM, EmbeddingCore, TowerAnswer
+from .errors import ITEM_ERRORS
 from .gate import Gate
 from .logs import quiet_client_errors
 from .readiness import TowerWatch
@@ -83,26 +86,39 @@ class Router:
         http_api.bind(self)
 
     # ------------------------------------------------------------------ handle API
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """A handle call refused for its input counts in the rejected metric, as HTTP ones do."""
+        try:
+            yield
+        except InvalidInputError as err:
+            self.rejected(ITEM_ERRORS[err.reason].type)
+            raise
+
     async def embed_text(
         self, texts: Sequence[str], normalize: bool = False, truncate: bool = False
     ) -> np.ndarray:
         """``[N, 1024]`` float32 for N strings; raises ``InvalidInputError`` naming a bad item."""
-        result = await self.core.embed("text", texts, normalize=normalize, options=Options(truncate=truncate))
-        return result.embeddings
+        with self._counted():
+            options = Options(truncate=truncate)
+            return (await self.core.embed("text", texts, normalize=normalize, options=options)).embeddings
 
     async def embed_image(self, images: Sequence[Any], normalize: bool = False) -> np.ndarray:
         """Images as encoded bytes or HWC arrays (or prepared ``ImageItem``s) -> ``[N, 1024]`` float32."""
-        return (await self.core.embed("image", images, normalize=normalize)).embeddings
+        with self._counted():
+            return (await self.core.embed("image", images, normalize=normalize)).embeddings
 
     async def embed_audio(self, clips: Sequence[Any], normalize: bool = False) -> np.ndarray:
         """Clips as encoded bytes or ``(array, sample_rate)`` pairs -> ``[N, 1024]`` float32."""
-        return (await self.core.embed("audio", clips, normalize=normalize)).embeddings
+        with self._counted():
+            return (await self.core.embed("audio", clips, normalize=normalize)).embeddings
 
     async def rank(self, query: dict, candidates: Sequence[dict], top_k: int | None = None) -> list[dict]:
         """``query`` and ``candidates`` are ``{"text": str}``, ``{"image": bytes}`` or ``{"audio": bytes}``.
         Returns candidates sorted by probability, each with ``index``, ``cosine`` and ``probability``
         (softmax of the checkpoint's logit scale for the pair times the cosine)."""
-        return (await self.core.rank(query, candidates, await self.scales(), top_k)).results
+        with self._counted():
+            return (await self.core.rank(query, candidates, await self.scales(), top_k)).results
 
     def stats(self) -> dict:
         """Requests in progress in this router replica (0 when idle: nothing leaked)."""
