@@ -12,8 +12,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# Token auth set explicitly (Ray turns it on for a local cluster anyway, with a warning). Five replicas
+# importing torch on 2 cores take ~35 s to be placed: over Serve's 30 s slow-start warning, which is
+# meant for replicas stuck waiting on resources, so the demo raises that threshold.
+DEMO_ENV := RAY_AUTH_MODE=token RAY_SERVE_SLOW_STARTUP_WARNING_S=120
+
 demo: $(STAMP)
-	$(BIN)/serve run configs/demo.yaml
+	$(DEMO_ENV) $(BIN)/serve run configs/demo.yaml
 
 serve: $(STAMP)
 	scripts/download_full.sh
