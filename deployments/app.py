@@ -26,7 +26,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     for name in settings.towers:
         tower = settings.tower(name)
         deployment = TOWER_DEPLOYMENTS[name].options(
-            num_replicas=tower.num_replicas,
+            **tower.replica_options(),
             max_ongoing_requests=tower.ongoing_limit,
             ray_actor_options={
                 "num_cpus": tower.num_cpus,
@@ -38,9 +38,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         towers[name] = deployment.bind(store, settings.tower_args(name))
     router = settings.router
     return Router.options(
-        num_replicas=router.num_replicas,
+        **router.replica_options(),
         max_ongoing_requests=router.max_ongoing_requests,
         max_queued_requests=router.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=router.retry_after_s),
         ray_actor_options={"num_cpus": router.num_cpus, "resources": router.resources},
+        graceful_shutdown_timeout_s=router.graceful_shutdown_timeout_s,
     ).bind(store, towers, settings)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from audioclip.pipeline import DEFAULT_OPTIONS, Limits, Options, Pipeline, Prepa
 from . import ranking
 
 EMBED_DIM = 1024
+MIXED_RETRIES = 4  # tries of a request whose answer would mix two checkpoints (a rollout)
+MIXED_RETRY_WAIT_S = 0.25
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class TowerAnswer:
     queue_ms: float
     inference_ms: float
     checkpoint: str  # sha256 of the weights that made the rows
+
+
+class MixedCheckpoints(Exception):
+    """One answer would combine vectors (or scales) of two checkpoints: a new one is rolling out."""
 
 
 class TowerClient(Protocol):
@@ -66,12 +73,17 @@ class Embedded:
     timings: Timings = field(default_factory=Timings)
     checkpoints: set[str] = field(default_factory=set)
 
+    @property
+    def checkpoint(self) -> str:
+        """The sha256 of the one checkpoint that made the rows ("" for no rows)."""
+        return next(iter(self.checkpoints), "")
+
 
 @dataclass
 class Ranked:
     results: list[dict]
     timings: Timings
-    checkpoints: set[str]
+    checkpoint: str
 
 
 def unwrap(err: InvalidInputError) -> InvalidInputError:
@@ -158,14 +170,21 @@ class EmbeddingCore:
         normalize: bool = False,
         options: Options = DEFAULT_OPTIONS,
     ) -> Embedded:
-        """Client items (raw or already prepared) -> ``[N, 1024]`` float32 rows in input order.
-        Raises ``InvalidInputError`` naming the first bad item's position."""
+        """Client items (raw or already prepared) -> ``[N, 1024]`` float32 rows in input order, all
+        made by one checkpoint. Raises ``InvalidInputError`` naming the first bad item's position."""
         prepared, preprocess_ms = await self.decode(modality, items, options)
-        result = await self.embed_prepared(modality, prepared)
+        result = await self._one_checkpoint(lambda: self.embed_prepared(modality, prepared))
         result.timings.preprocess_ms = preprocess_ms
         result.usage_tokens = self.pipelines[modality].usage_tokens(prepared)
         if normalize:
             result.embeddings = l2_normalized(result.embeddings)
+        return result
+
+    async def _embed_once(self, modality: str, items: Sequence[Any]) -> Embedded:
+        """decode + ``embed_prepared`` without retries (``rank`` retries as a whole)."""
+        prepared, preprocess_ms = await self.decode(modality, items)
+        result = await self.embed_prepared(modality, prepared)
+        result.timings.preprocess_ms = preprocess_ms
         return result
 
     async def embed_prepared(self, modality: str, prepared: Sequence[Prepared]) -> Embedded:
@@ -184,22 +203,47 @@ class EmbeddingCore:
                 raise relocated(answer.error, range(start, start + chunk))
             result.timings.merge(Timings(0.0, answer.queue_ms, answer.inference_ms))
             result.checkpoints.add(answer.checkpoint)
+        if len(result.checkpoints) > 1:
+            raise MixedCheckpoints(f"{modality} chunks came from checkpoints {sorted(result.checkpoints)}")
         parts = [np.asarray(a.embeddings) for a in answers]
         result.embeddings = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return result
+
+    async def _one_checkpoint(self, work: Callable[[], Awaitable[T]]) -> T:
+        """``work()`` again while a rollout makes its answer mix two checkpoints; after
+        ``MIXED_RETRIES`` tries the ``MixedCheckpoints`` goes to the caller (HTTP: 503, retry)."""
+        for attempt in range(MIXED_RETRIES):
+            try:
+                return await work()
+            except MixedCheckpoints:
+                if attempt == MIXED_RETRIES - 1:
+                    raise
+                await asyncio.sleep(MIXED_RETRY_WAIT_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ ranking
     async def rank(
         self,
         query: Mapping[str, Any],
         candidates: Sequence[Mapping[str, Any]],
-        scales: Mapping[str, float],
+        scales: Callable[[str], Awaitable[Mapping[str, float]]],
         top_k: int | None = None,
     ) -> Ranked:
         """Candidates sorted by probability (softmax of the checkpoint's logit scale for each
         modality pair times the cosine), each with its ``index``, ``modality``, ``cosine`` and
-        ``probability``. Items are ``{"text": str}``, ``{"image": bytes}`` or ``{"audio": bytes}``."""
+        ``probability``. Items are ``{"text": str}``, ``{"image": bytes}`` or ``{"audio": bytes}``.
+        ``scales(sha256)``: the logit scales of that checkpoint (raises ``MixedCheckpoints`` if the
+        weights now served are another's). Every vector and scale comes from one checkpoint."""
         count_check(candidates, self.limits)
+        return await self._one_checkpoint(lambda: self._rank_once(query, candidates, scales, top_k))
+
+    async def _rank_once(
+        self,
+        query: Mapping[str, Any],
+        candidates: Sequence[Mapping[str, Any]],
+        scales: Callable[[str], Awaitable[Mapping[str, float]]],
+        top_k: int | None,
+    ) -> Ranked:
         items = [query, *candidates]
         where: list[int | None] = [None, *range(len(candidates))]  # the query has no index
         kinds = [modality_of(item, where[i]) for i, item in enumerate(items)]
@@ -211,7 +255,7 @@ class EmbeddingCore:
             if not positions:
                 return
             try:
-                done = await self.embed(kind, [items[i][kind] for i in positions])
+                done = await self._embed_once(kind, [items[i][kind] for i in positions])
             except InvalidInputError as err:
                 raise relocated(err, [where[i] for i in positions]) from None
             vectors[positions] = done.embeddings
@@ -219,8 +263,11 @@ class EmbeddingCore:
             checkpoints.update(done.checkpoints)
 
         await asyncio.gather(*(embed_group(k) for k in ranking.MODALITIES))
-        results = ranking.rank(vectors[0], kinds[0], vectors[1:], kinds[1:], scales, top_k)
-        return Ranked(results, timings, checkpoints)
+        if len(checkpoints) != 1:
+            raise MixedCheckpoints(f"rank vectors came from checkpoints {sorted(checkpoints)}")
+        pair_scales = await scales(next(iter(checkpoints)))
+        results = ranking.rank(vectors[0], kinds[0], vectors[1:], kinds[1:], pair_scales, top_k)
+        return Ranked(results, timings, next(iter(checkpoints)))
 
     def _check_served(self, modality: str) -> None:
         if modality not in self.served:

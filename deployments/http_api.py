@@ -31,7 +31,7 @@ from audioclip.pipeline import ImagePipeline, Options
 
 from . import http_input as hi
 from . import openai_compat
-from .core import EMBED_DIM, Embedded, EmbeddingCore, Timings, unwrap
+from .core import EMBED_DIM, Embedded, EmbeddingCore, MixedCheckpoints, Timings, unwrap
 from .errors import (
     ERROR_STATUSES,
     BadRequest,
@@ -71,7 +71,7 @@ class Service(Protocol):
     watch: TowerWatch
 
     def rejected(self, error_type: str) -> None: ...
-    async def scales(self) -> dict[str, float]: ...
+    async def scales(self, sha256: str) -> dict[str, float]: ...
     async def models(self) -> dict[str, Any]: ...
 
 
@@ -117,6 +117,8 @@ def as_service_error(err: Exception) -> ServiceError | None:
         return Overloaded("the service is at capacity; retry later", headers=retry)
     if isinstance(err, RayActorError | ActorUnavailableError):
         return Unavailable("a model replica restarted; retry", headers=retry)  # Serve replaces it
+    if isinstance(err, MixedCheckpoints):
+        return Unavailable("a new checkpoint is rolling out; retry", headers=retry)
     if isinstance(err, RequestValidationError):
         problems = err.errors()
         where = ".".join(str(p) for p in problems[0]["loc"]) if problems else "request"
@@ -149,7 +151,14 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> Response
     return await _answer_error(request, error)
 
 
-for _type in (ServiceError, InvalidInputError, BackPressureError, RayActorError, ActorUnavailableError):
+for _type in (
+    ServiceError,
+    InvalidInputError,
+    BackPressureError,
+    RayActorError,
+    ActorUnavailableError,
+    MixedCheckpoints,
+):
     api.add_exception_handler(_type, _answer_error)
 api.add_exception_handler(RequestValidationError, _answer_error)
 api.add_exception_handler(StarletteHTTPException, _http_error)
@@ -165,12 +174,13 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def timing_headers(request: Request, timings: Timings) -> dict[str, str]:
-    """``x-total-time`` (in the router), ``x-preprocess-time`` (decoding), ``x-queue-time`` (waiting
-    for a batch) and ``x-inference-time`` (the batch's forward), in milliseconds. The proxy adds
-    ``x-request-id``."""
+def answer_headers(request: Request, timings: Timings, checkpoint: str) -> dict[str, str]:
+    """``x-checkpoint-sha256`` (the weights that made every vector of the answer), ``x-total-time``
+    (in the router), ``x-preprocess-time`` (decoding), ``x-queue-time`` (waiting for a batch) and
+    ``x-inference-time`` (the batch's forward), in milliseconds. The proxy adds ``x-request-id``."""
     total = (time.perf_counter() - request.state.started) * 1000
     return {
+        "x-checkpoint-sha256": checkpoint,
         "x-preprocess-time": f"{timings.preprocess_ms:.2f}",
         "x-queue-time": f"{timings.queue_ms:.2f}",
         "x-inference-time": f"{timings.inference_ms:.2f}",
@@ -183,7 +193,7 @@ def embed_response(
 ) -> Response:
     """JSON, or an npy float32 ``[N, 1024]`` with ``Accept: application/x-npy``."""
     embeddings = np.ascontiguousarray(result.embeddings, dtype=np.float32)
-    headers = timing_headers(request, result.timings)
+    headers = answer_headers(request, result.timings, result.checkpoint)
     if hi.NPY in request.headers.get("accept", ""):
         buf = io.BytesIO()
         np.save(buf, embeddings, allow_pickle=False)
@@ -259,11 +269,15 @@ async def healthz() -> dict:
 @api.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 async def readyz() -> Response:
     """200 once every tower has a running replica (from Serve's controller, refreshed in the
-    background, so this answers at once), else 503 naming the towers that have none."""
-    service = current()
-    if service.watch.ready:
-        return JSONResponse({"status": "ready", "towers": list(service.watch.running)})
-    body = {"status": "not_ready", "towers": service.watch.not_ready()}
+    background, so this answers at once), else 503 naming the towers that have none. A tower that
+    autoscales to zero does not make the app unready: it is listed in ``scaled_to_zero`` and its
+    next request starts a replica."""
+    watch = current().watch
+    watch.touch()
+    asleep = watch.asleep()
+    if watch.ready:
+        return JSONResponse({"status": "ready", "towers": list(watch.running), "scaled_to_zero": asleep})
+    body = {"status": "not_ready", "towers": watch.not_ready(), "scaled_to_zero": asleep}
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
 
@@ -402,7 +416,7 @@ async def openai_embeddings(request: Request, service: Guarded) -> Response:
         inputs = hi.decode_all_base64(inputs)
     result = await service.core.embed(body.modality, inputs, normalize=True)
     answer = openai_compat.embeddings_response(body, result.embeddings, result.usage_tokens)
-    return FastJSONResponse(answer, headers=timing_headers(request, result.timings))
+    return FastJSONResponse(answer, headers=answer_headers(request, result.timings, result.checkpoint))
 
 
 @api.post(
@@ -421,6 +435,10 @@ async def rank(request: Request, service: Guarded) -> Response:
 
     query = item(body.query, None)
     candidates = [item(c, i) for i, c in enumerate(body.candidates)]
-    ranked = await service.core.rank(query, candidates, await service.scales(), body.top_k)
-    answer = {"model": service.args.model_name, "results": ranked.results}
-    return JSONResponse(answer, headers=timing_headers(request, ranked.timings))
+    ranked = await service.core.rank(query, candidates, service.scales, body.top_k)
+    answer = {
+        "model": service.args.model_name,
+        "checkpoint_sha256": ranked.checkpoint,
+        "results": ranked.results,
+    }
+    return JSONResponse(answer, headers=answer_headers(request, ranked.timings, ranked.checkpoint))

@@ -3,15 +3,18 @@ layer (``http_api``) and the handle API (the methods below) over it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
@@ -19,7 +22,7 @@ from audioclip.errors import InvalidInputError
 from audioclip.pipeline import Options, Prepared
 
 from . import http_api
-from .core import EMBED_DIM, EmbeddingCore, TowerAnswer
+from .core import EMBED_DIM, EmbeddingCore, MixedCheckpoints, TowerAnswer
 from .errors import ITEM_ERRORS
 from .gate import Gate
 from .logs import quiet_client_errors
@@ -27,6 +30,7 @@ from .readiness import TowerWatch
 from .settings import AppArgs
 
 logger = logging.getLogger("ray.serve")
+REPLICA_RETRIES = 3
 
 
 class HandleTowers:
@@ -36,7 +40,25 @@ class HandleTowers:
         self.handles = handles
 
     async def embed_prepared(self, modality: str, items: list[Prepared]) -> TowerAnswer:
-        return await self.handles[modality].embed_prepared.remote(items)
+        """Embedding is idempotent, so a call whose replica died (killed, node lost) is sent again,
+        to a live replica, before the client hears of it."""
+        for attempt in range(REPLICA_RETRIES):
+            try:
+                return await self.handles[modality].embed_prepared.remote(items)
+            except (RayActorError, ActorUnavailableError):
+                if attempt == REPLICA_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """What the handle API's ``embed`` answers."""
+
+    vectors: np.ndarray  # float32 [N, 1024]
+    checkpoint_sha256: str  # the weights that made every row
+    usage_tokens: int = 0  # text: the tokens embedded
 
 
 class RouterMetrics:
@@ -80,9 +102,10 @@ class Router:
         )
         self.gate = Gate(args.router)
         deployments = {name: handle.deployment_name for name, handle in towers.items()}
-        self.watch = TowerWatch(serve.get_replica_context().app_name, deployments)
+        can_sleep = [name for name in towers if args.tower(name).min_replicas == 0]
+        self.watch = TowerWatch(serve.get_replica_context().app_name, deployments, can_sleep)
         self.watch.start()
-        self._scales: dict[str, float] | None = None
+        self._scales: dict[str, dict[str, float]] = {}  # by checkpoint sha256
         http_api.bind(self)
 
     # ------------------------------------------------------------------ handle API
@@ -118,7 +141,15 @@ class Router:
         Returns candidates sorted by probability, each with ``index``, ``cosine`` and ``probability``
         (softmax of the checkpoint's logit scale for the pair times the cosine)."""
         with self._counted():
-            return (await self.core.rank(query, candidates, await self.scales(), top_k)).results
+            return (await self.core.rank(query, candidates, self.scales, top_k)).results
+
+    async def embed(
+        self, modality: str, items: Sequence[Any], normalize: bool = False, truncate: bool = False
+    ) -> Embeddings:
+        """Items of any modality -> ``Embeddings``: rows and the sha256 of the checkpoint that made them."""
+        with self._counted():
+            result = await self.core.embed(modality, items, normalize=normalize, options=Options(truncate))
+        return Embeddings(result.embeddings, result.checkpoint, result.usage_tokens)
 
     def stats(self) -> dict:
         """Requests in progress in this router replica (0 when idle: nothing leaked)."""
@@ -128,16 +159,33 @@ class Router:
     def rejected(self, error_type: str) -> None:
         self.metrics.rejected.inc(tags={"type": error_type})
 
-    async def scales(self) -> dict[str, float]:
-        if self._scales is None:
-            self._scales = (await self.store.info.remote())["logit_scales"]
-        return self._scales
+    async def scales(self, sha256: str) -> dict[str, float]:
+        """The logit scales of checkpoint ``sha256``; ``MixedCheckpoints`` if the store now holds
+        another (a rollout in progress)."""
+        if sha256 not in self._scales:
+            info = await self.store.info.remote()
+            self._scales[info["sha256"]] = info["logit_scales"]
+            if sha256 not in self._scales:
+                raise MixedCheckpoints(f"vectors of {sha256[:12]}, weights now {info['sha256'][:12]}")
+        return self._scales[sha256]
 
     async def models(self) -> dict[str, Any]:
+        self.watch.touch()
         info = await self.store.info.remote()
         towers = {}
         for name, handle in self.tower_handles.items():
-            towers[name] = {**await handle.describe.remote(), "replicas": self.watch.running.get(name, 0)}
+            live = self.watch.running.get(name, 0)
+            tower = self.args.tower(name)
+            scaling = {
+                "replicas": live,
+                "min_replicas": tower.min_replicas,
+                "max_replicas": tower.max_replicas,
+            }
+            # A tower scaled to zero is not woken up to describe itself.
+            towers[name] = {
+                **(await handle.describe.remote() if live else {"state": "scaled_to_zero"}),
+                **scaling,
+            }
         return {
             "name": self.args.model_name,
             "dim": EMBED_DIM,

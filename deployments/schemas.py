@@ -118,6 +118,7 @@ class RankResult(BaseModel):
 
 class RankResponse(BaseModel):
     model: str
+    checkpoint_sha256: str
     results: list[RankResult]
 
 
@@ -126,6 +127,7 @@ class ReadyResponse(BaseModel):
     towers: list[str] = Field(
         description="ready: the towers served; not ready: those without a running replica"
     )
+    scaled_to_zero: list[str] = Field(description="towers with no replica now that start one on demand")
 
 
 class ModelsResponse(BaseModel):

@@ -21,10 +21,67 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TowerSettings(_Strict):
-    """Placement and batching of one tower deployment."""
+class AutoscalingSettings(_Strict):
+    """Serve's ``autoscaling_config`` for one deployment: replicas follow the requests in flight."""
 
-    num_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(
+        1, ge=0, description="0: scale to zero when idle (the next request cold-starts)"
+    )
+    initial_replicas: int | None = Field(None, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0.0, description="requests in flight per replica")
+    upscale_delay_s: float = Field(30.0, ge=0.0)
+    downscale_delay_s: float = Field(600.0, ge=0.0)
+    look_back_period_s: float = Field(30.0, gt=0.0)
+    metrics_interval_s: float = Field(10.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        initial = self.min_replicas if self.initial_replicas is None else self.initial_replicas
+        if not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"need min_replicas <= initial_replicas <= max_replicas, got "
+                f"{self.min_replicas} <= {initial} <= {self.max_replicas}"
+            )
+        return self
+
+
+class _Replicated(_Strict):
+    """A fixed ``num_replicas``, or ``num_replicas: auto`` with an ``autoscaling`` section."""
+
+    num_replicas: int | Literal["auto"] = Field(1, description="a count, or auto (see autoscaling)")
+    autoscaling: AutoscalingSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> _Replicated:
+        if self.autoscaling is not None and self.num_replicas not in ("auto", 1):
+            raise ValueError(
+                "give num_replicas or autoscaling, not both (num_replicas: auto with autoscaling)"
+            )
+        if isinstance(self.num_replicas, int) and self.num_replicas < 1:
+            raise ValueError("num_replicas must be at least 1 (scale to zero: autoscaling.min_replicas 0)")
+        if self.num_replicas == "auto" and self.autoscaling is None:
+            self.autoscaling = AutoscalingSettings()
+        return self
+
+    def replica_options(self) -> dict:
+        """Serve's deployment options for the replica count."""
+        if self.autoscaling is None:
+            return {"num_replicas": self.num_replicas}
+        return {"autoscaling_config": self.autoscaling.model_dump(exclude_none=True)}
+
+    @property
+    def min_replicas(self) -> int:
+        return self.autoscaling.min_replicas if self.autoscaling else int(self.num_replicas)
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else int(self.num_replicas)
+
+
+class TowerSettings(_Replicated):
+    """Placement, replicas and batching of one tower deployment."""
+
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources (placement)")
@@ -76,8 +133,14 @@ class LimitSettings(_Strict):
         return Limits(self.max_items, self.max_pixels, self.max_audio_seconds, self.max_text_chars)
 
 
-class RouterSettings(_Strict):
-    num_replicas: int = Field(1, ge=1)
+class RouterSettings(_Replicated):
+    graceful_shutdown_timeout_s: float = Field(
+        120.0,
+        gt=0.0,
+        description="a router being replaced finishes its requests for this long; they may wait for a"
+        " tower replica that a rollout is starting (Serve stops a one-replica deployment's old replica"
+        " before its new one is up)",
+    )
     num_cpus: float = Field(1.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources (placement)")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and audio")

@@ -51,6 +51,19 @@ def count_items(requests: list) -> int:
     return total
 
 
+def merge_answers(answers: Sequence[TowerAnswer], part_size: int) -> TowerAnswer:
+    """The answers of consecutive parts of one request as one answer (the first error, re-addressed)."""
+    for number, answer in enumerate(answers):
+        if answer.error is not None:
+            offset = number * part_size
+            error = answer.error.at_index(None if answer.error.index is None else offset + answer.error.index)
+            return TowerAnswer(None, error, 0.0, 0.0, answer.checkpoint)
+    rows = np.concatenate([a.embeddings for a in answers])
+    queue = max(a.queue_ms for a in answers)
+    inference = max(a.inference_ms for a in answers)
+    return TowerAnswer(rows, None, queue, inference, answers[0].checkpoint)
+
+
 _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 
@@ -158,6 +171,10 @@ class TowerBase:
             return TowerAnswer(None, error, 0.0, 0.0, sha256)
         if not items:
             return TowerAnswer(np.zeros((0, self.model.config.embed_dim), np.float32), None, 0.0, 0.0, sha256)
+        limit = self._embed_batch._get_max_batch_size()
+        if len(items) > limit:  # the batch size changed live, or a caller sent more: split
+            parts = [list(items[s : s + limit]) for s in range(0, len(items), limit)]
+            return merge_answers(await asyncio.gather(*(self.embed_prepared(p) for p in parts)), limit)
         arrived = time.perf_counter()
         result, started, finished = await self._embed_batch(list(items))
         if isinstance(result, Exception):  # an internal failure: the router answers 5xx

@@ -7,6 +7,7 @@ puts them, and the app builder's process exits right after building (``serve dep
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 
 import ray
@@ -30,6 +31,9 @@ class WeightStore:
         self._refs = {tower: ray.put(tower_part(arrays, tower)) for tower in towers}
         self._info["towers"] = list(towers)
         self._info["logit_scales"] = LogitScales.of(arrays)._asdict()
+        self._info["loads"] = 1  # this process read the checkpoint once; towers only borrow refs
+        self._info["pid"] = os.getpid()
+        self._refs_given = dict.fromkeys(towers, 0)
         logger.info(
             "weights %s (%s, sha256 %s) shared for %s",
             checkpoint,
@@ -42,10 +46,12 @@ class WeightStore:
         """A one-element list, so the caller borrows the reference instead of resolving it here."""
         if tower not in self._refs:
             raise KeyError(f"tower {tower!r} is not served (towers: {sorted(self._refs)})")
+        self._refs_given[tower] += 1
         return [self._refs[tower]]
 
     def info(self) -> dict:
-        return dict(self._info)
+        """What the weights are, and how often each tower's replicas took them (``refs_given``)."""
+        return {**self._info, "refs_given": dict(self._refs_given)}
 
     def check_health(self) -> None:
         if not self._refs:

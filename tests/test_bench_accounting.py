@@ -37,7 +37,7 @@ def test_batches_between_snapshots_are_the_new_ones_only():
 
 def test_app_settings_come_from_the_named_application(tmp_path):
     settings = app_settings(ROOT / "configs" / "gpu.yaml")
-    assert settings.image.num_replicas == 2 and settings.image.dtype == "fp16"
+    assert settings.image.max_replicas == 2 and settings.image.dtype == "fp16"
     other = tmp_path / "other.yaml"
     other.write_text("applications:\n  - name: something-else\n    import_path: x:y\n")
     with pytest.raises(SystemExit, match="no application named"):

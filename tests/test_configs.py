@@ -27,7 +27,7 @@ def test_shipped_config_is_valid(path):
 def test_gpu_config_puts_every_tower_on_the_gpu():
     config = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text())
     settings = AppArgs.model_validate(config["applications"][0]["args"])
-    shares = [settings.tower(t).num_gpus * settings.tower(t).num_replicas for t in settings.towers]
+    shares = [settings.tower(t).num_gpus * settings.tower(t).max_replicas for t in settings.towers]
     assert all(share > 0 for share in shares)
     assert sum(shares) <= 1.0, "the towers must fit one GPU"
 

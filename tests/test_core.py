@@ -11,21 +11,24 @@ from conftest import INPUTS, assert_matches
 
 import audioclip
 from audioclip.pipeline import DEFAULT_LIMITS, Limits, Prepared, pipelines
-from deployments.core import EmbeddingCore, TowerAnswer
+from deployments.core import EmbeddingCore, MixedCheckpoints, TowerAnswer
 
 
 class InProcessTowers:
-    """A ``TowerClient`` that runs the tower's own collate + forward here, and records the calls."""
+    """A ``TowerClient`` that runs the tower's own collate + forward here, and records the calls.
+    ``checkpoints``: the sha256 each call answers with, in turn (a rollout), then "sha"."""
 
     def __init__(self, model: audioclip.AudioCLIP) -> None:
         self.model = model
         self.pipelines = pipelines()
         self.calls: list[tuple[str, int]] = []
+        self.checkpoints: list[str] = []
 
     async def embed_prepared(self, modality: str, items: list[Prepared]) -> TowerAnswer:
         self.calls.append((modality, len(items)))
         rows = self.pipelines[modality].embed(self.model, items)
-        return TowerAnswer(rows, None, 0.0, 1.0, "sha")
+        sha = self.checkpoints.pop(0) if self.checkpoints else "sha"
+        return TowerAnswer(rows, None, 0.0, 1.0, sha)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,11 @@ def test_limits_and_unserved_towers_are_item_errors(towers):
 
 def test_rank_maps_errors_to_candidates_and_scores_like_the_model(towers, model):
     image = (INPUTS / "rocket.jpg").read_bytes()
-    scales = model.logit_scales._asdict()
+
+    async def scales(sha256: str) -> dict:
+        assert sha256 == "sha"
+        return model.logit_scales._asdict()
+
     labels = [{"text": "a rocket"}, {"text": "a cup of coffee"}, {"text": "a dog"}]
     ranked = asyncio.run(_core(towers).rank({"image": image}, labels, scales))
     vector = model.encode_image(audioclip.preprocess_image(image)[None]).numpy()[0]
@@ -89,3 +96,21 @@ def test_rank_maps_errors_to_candidates_and_scores_like_the_model(towers, model)
     with pytest.raises(audioclip.InvalidInputError) as info:
         asyncio.run(_core(towers).rank({"video": "q"}, labels, scales))
     assert (info.value.index, info.value.reason) == (None, "bad_item")
+
+
+def test_an_answer_never_mixes_checkpoints(towers, model):
+    texts = [f"a sound number {i}" for i in range(4)]  # two chunks
+    towers.checkpoints[:] = ["old", "new", "new", "new"]  # the first try mixes, the retry does not
+    result = asyncio.run(_core(towers).embed("text", texts))
+    assert result.checkpoints == {"new"} or result.checkpoints == {"sha"}
+    assert_matches(result.embeddings, model.encode_text(texts), 0.99999)
+    towers.checkpoints[:] = ["old", "new"] * 8  # still rolling after every retry: refused, never mixed
+    with pytest.raises(MixedCheckpoints):
+        asyncio.run(_core(towers).embed("text", texts))
+    towers.checkpoints.clear()
+
+    async def other_weights(sha256: str) -> dict:
+        raise MixedCheckpoints("the store holds another checkpoint now")
+
+    with pytest.raises(MixedCheckpoints):
+        asyncio.run(_core(towers).rank({"text": "q"}, [{"text": "a"}], other_weights))

@@ -83,7 +83,7 @@ def test_readyz_answers_at_once_while_a_tower_cannot_start(base_url):
             pass
         time.sleep(0.5)
     seconds, bodies = [], []
-    settled = (503, {"status": "not_ready", "towers": ["audio"]}, "1")  # text up, audio never
+    settled = (503, {"status": "not_ready", "towers": ["audio"], "scaled_to_zero": []}, "1")  # text up
     with httpx.Client(timeout=5) as client:  # while the text tower loads, then with it up
         while time.monotonic() < deadline and bodies[-5:] != [settled] * 5:
             started = time.perf_counter()

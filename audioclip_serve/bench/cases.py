@@ -58,7 +58,7 @@ def run_cases(
     settings: Any,
 ) -> list[ServedResult]:
     """Every case in order, each on an idle server; skipped cases are reported with their reason."""
-    replicas = {t: settings.tower(t).num_replicas for t in settings.towers}
+    replicas = {t: settings.tower(t).max_replicas for t in settings.towers}  # one replica: batch figures
     meter, stats = CpuMeter(root_pid), TowerStats(ray_address, replicas)
     workers: dict[str, LoadPool] = {}
     warmed: set[tuple[str, str]] = set()
