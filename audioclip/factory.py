@@ -93,10 +93,9 @@ def resolve_device(wants_gpu: bool) -> str:
 
 def build_tower(state: Mapping[str, object], tower: str, build: TowerBuild = TowerBuild()) -> AudioCLIP:
     """One tower from checkpoint-named arrays (shared, not copied, on CPU), laid out by ``conv_layout``."""
-    model = AudioCLIP.from_state_dict(
-        state, build.device, (tower,), dtype=build.dtype, audio_norm=build.audio_norm
-    )
-    nhwc, fold = conv_layout(tower, build.device, build.channels_last, build.fold_batchnorm, model.audio_norm)
+    device = resolve_device(build.device == "cuda")  # a CUDA build runs on the CPU where no GPU is seen
+    model = AudioCLIP.from_state_dict(state, device, (tower,), dtype=build.dtype, audio_norm=build.audio_norm)
+    nhwc, fold = conv_layout(tower, device, build.channels_last, build.fold_batchnorm, model.audio_norm)
     if nhwc:
         model.use_channels_last(True)
     if fold:

@@ -23,7 +23,7 @@ from .audio_input import DEFAULT_MAX_SECONDS, SAMPLE_RATE, load_audio
 from .batching import equal_groups, length_groups, pad_token_ids, split_overhead_tokens
 from .errors import InvalidInputError, Reason
 from .image_input import DEFAULT_MAX_PIXELS, IMAGE_SIZE, crop_to_uint8, normalize_pixels
-from .tokenizer import CONTEXT_LENGTH, tokenize_to_ids
+from .tokenizer import CONTEXT_LENGTH, EOT_TOKEN, tokenize_to_ids
 
 if TYPE_CHECKING:
     from .model import AudioCLIP
@@ -84,6 +84,15 @@ class Group(NamedTuple):
     inputs: torch.Tensor
 
 
+def as_item_list(items: Any) -> list:
+    """A request's items as a list: a list, tuple or other iterable of items, not one str/bytes."""
+    if isinstance(items, str | bytes | bytearray | memoryview | np.ndarray) or not hasattr(items, "__iter__"):
+        raise InvalidInputError(
+            f"items must be a list, not {type(items).__name__}", reason=Reason.UNSUPPORTED_TYPE
+        )
+    return list(items)
+
+
 def count_check(items: Sequence[Any], limits: Limits) -> None:
     if len(items) > limits.max_items:
         raise InvalidInputError(
@@ -104,17 +113,22 @@ class Pipeline(ABC, Generic[P]):
         """One client item -> its prepared form; raises ``InvalidInputError``."""
 
     def prepare(self, item: Any, limits: Limits = DEFAULT_LIMITS, options: Options = DEFAULT_OPTIONS) -> P:
-        """A prepared item as it is, anything else decoded."""
-        return item if isinstance(item, self.item_type) else self.decode(item, limits, options)
+        """A prepared item checked (it may come from any caller), anything else decoded."""
+        return (
+            self.check(item, limits)
+            if isinstance(item, self.item_type)
+            else self.decode(item, limits, options)
+        )
+
+    @abstractmethod
+    def check(self, item: P, limits: Limits = DEFAULT_LIMITS) -> P:
+        """A prepared item that ``collate`` can take (shape, dtype, length), or ``InvalidInputError``."""
 
     def prepare_all(
         self, items: Sequence[Any], limits: Limits = DEFAULT_LIMITS, options: Options = DEFAULT_OPTIONS
     ) -> list[P]:
         """Every item prepared; the first failure raises naming its position."""
-        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
-            raise InvalidInputError(
-                f"items must be a list, not {type(items).__name__}", reason=Reason.UNSUPPORTED_TYPE
-            )
+        items = as_item_list(items)
         count_check(items, limits)
         out = []
         for index, item in enumerate(items):
@@ -176,6 +190,17 @@ class TextPipeline(Pipeline[TextItem]):
         [ids] = tokenize_to_ids([item], self.context_length, truncate=options.truncate)
         return TextItem(tuple(ids))
 
+    def check(self, item: TextItem, limits: Limits = DEFAULT_LIMITS) -> TextItem:
+        ids = item.ids
+        if not 2 <= len(ids) <= self.context_length or not all(
+            isinstance(i, int) and 0 <= i <= EOT_TOKEN for i in ids
+        ):
+            raise InvalidInputError(
+                f"token ids must be 2..{self.context_length} ints in [0, {EOT_TOKEN}]",
+                reason=Reason.BAD_SHAPE,
+            )
+        return item
+
     def collate(self, items: Sequence[TextItem], device: torch.device | str) -> list[Group]:
         """Forwards of similar-length texts, each padded only to its longest."""
         groups = length_groups([len(t.ids) for t in items], split_overhead_tokens(device))
@@ -204,11 +229,23 @@ class ImagePipeline(Pipeline[ImageItem]):
         crop = crop_to_uint8(item, max_pixels=limits.max_pixels, fast_decode=self.fast_decode)
         return ImageItem(crop)
 
+    def check(self, item: ImageItem, limits: Limits = DEFAULT_LIMITS) -> ImageItem:
+        if item.normalized:
+            return self.normalized(item.pixels)
+        shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
+        if (
+            not isinstance(item.pixels, np.ndarray)
+            or item.pixels.dtype != np.uint8
+            or item.pixels.shape != shape
+        ):
+            raise InvalidInputError(f"an image crop must be uint8 {list(shape)}", reason=Reason.BAD_SHAPE)
+        return item
+
     @staticmethod
     def normalized(pixels: np.ndarray) -> ImageItem:
         """Pixels the client already CLIP-normalised: float32 ``[3, 224, 224]``, finite."""
         shape = (3, IMAGE_SIZE, IMAGE_SIZE)
-        if pixels.dtype != np.float32 or pixels.shape != shape:
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.float32 or pixels.shape != shape:
             raise InvalidInputError(
                 f"normalised pixels must be float32 {list(shape)}, got {pixels.dtype} {list(pixels.shape)}",
                 reason=Reason.BAD_SHAPE,
@@ -265,6 +302,29 @@ class AudioPipeline(Pipeline[AudioItem]):
         if self.fixed_clip_seconds:
             clip = fit_length(clip, round(self.fixed_clip_seconds * SAMPLE_RATE))
         return AudioItem(clip)
+
+    def check(self, item: AudioItem, limits: Limits = DEFAULT_LIMITS) -> AudioItem:
+        clip = item.samples
+        if (
+            not isinstance(clip, np.ndarray)
+            or clip.dtype != np.float32
+            or clip.ndim != 2
+            or clip.shape[0] not in (1, 2)
+        ):
+            raise InvalidInputError(
+                "a prepared clip must be float32 [C in (1, 2), N]", reason=Reason.BAD_SHAPE
+            )
+        if clip.shape[1] == 0:
+            raise InvalidInputError("audio has no samples", reason=Reason.EMPTY)
+        seconds = clip.shape[1] / SAMPLE_RATE
+        if seconds > limits.max_audio_seconds:
+            raise InvalidInputError(
+                f"audio is {seconds:.1f} s long, more than the limit {limits.max_audio_seconds:g} s",
+                reason=Reason.AUDIO_TOO_LONG,
+            )
+        if not np.isfinite(clip).all():
+            raise InvalidInputError("audio contains NaN or infinity", reason=Reason.NOT_FINITE)
+        return item
 
     def collate(self, items: Sequence[AudioItem], device: torch.device | str) -> list[Group]:
         """Clips of equal shape share a forward; padding would change their embeddings."""

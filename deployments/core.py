@@ -19,7 +19,7 @@ import numpy as np
 
 from audioclip.errors import InvalidInputError, Reason
 from audioclip.model import l2_normalized
-from audioclip.pipeline import DEFAULT_OPTIONS, Limits, Options, Pipeline, Prepared, count_check
+from audioclip.pipeline import DEFAULT_OPTIONS, Limits, Options, Pipeline, Prepared, as_item_list, count_check
 
 from . import ranking
 
@@ -137,6 +137,7 @@ class EmbeddingCore:
         (tokenizing is cheap); images and clips one task each, so decode threads share them. The
         error of the first bad item (by position) is raised."""
         self._check_served(modality)
+        items = as_item_list(items)
         pipeline = self.pipelines[modality]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
@@ -235,6 +236,8 @@ class EmbeddingCore:
         ``scales(sha256)``: the logit scales of that checkpoint (raises ``MixedCheckpoints`` if the
         weights now served are another's). Every vector and scale comes from one checkpoint."""
         count_check(candidates, self.limits)
+        if not candidates:
+            raise InvalidInputError("rank needs at least one candidate", reason=Reason.EMPTY)
         return await self._one_checkpoint(lambda: self._rank_once(query, candidates, scales, top_k))
 
     async def _rank_once(

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from audioclip.errors import InvalidInputError
-from audioclip.pipeline import ImagePipeline, Options
+from audioclip.pipeline import ImagePipeline, Options, count_check
 
 from . import http_input as hi
 from . import openai_compat
@@ -317,7 +317,7 @@ async def _media_items(
     if kind == "application/json":
         parsed = parse_body(json_model, body)
         field = next(iter(json_model.model_fields))
-        return hi.decode_all_base64(getattr(parsed, field)), parsed.normalize
+        return hi.decode_all_base64(getattr(parsed, field), service.args.limits.items), parsed.normalize
     if kind.startswith(raw_prefix):
         return [body], None
     if kind == hi.NPY:
@@ -413,7 +413,7 @@ async def openai_embeddings(request: Request, service: Guarded) -> Response:
     )
     inputs: list[Any] = openai_compat.check_request(body, service.args.model_name, EMBED_DIM)
     if body.modality != "text":
-        inputs = hi.decode_all_base64(inputs)
+        inputs = hi.decode_all_base64(inputs, service.args.limits.items)
     result = await service.core.embed(body.modality, inputs, normalize=True)
     answer = openai_compat.embeddings_response(body, result.embeddings, result.usage_tokens)
     return FastJSONResponse(answer, headers=answer_headers(request, result.timings, result.checkpoint))
@@ -433,6 +433,7 @@ async def rank(request: Request, service: Guarded) -> Response:
         [(kind, value)] = parsed.item().items()
         return {kind: value if kind == "text" else hi.decode_base64(value, index)}
 
+    count_check(body.candidates, service.args.limits.items)
     query = item(body.query, None)
     candidates = [item(c, i) for i, c in enumerate(body.candidates)]
     ranked = await service.core.rank(query, candidates, service.scales, body.top_k)

@@ -16,12 +16,12 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from audioclip.errors import InvalidInputError, Reason
+from audioclip.pipeline import Limits, count_check
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from .settings import LimitSettings
 
 NPY = "application/x-npy"
-_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
 def media_type(request: Request) -> str:
@@ -40,17 +40,6 @@ async def read_body(request: Request, limits: LimitSettings) -> bytes:
             raise PayloadTooLarge(f"body is over the limit of {limits.max_body_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def query_flag(request: Request, name: str, default: bool) -> bool:
-    value = request.query_params.get(name)
-    if value is None:
-        return default
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise BadRequest(f"query parameter {name!r} must be true or false, got {value!r}")
 
 
 def _not_base64(message: str, index: int | None) -> InvalidInputError:
@@ -75,7 +64,9 @@ def decode_base64(value: str, index: int | None) -> bytes:
     return data
 
 
-def decode_all_base64(values: list[str]) -> list[bytes]:
+def decode_all_base64(values: list[str], limits: Limits) -> list[bytes]:
+    """Every item decoded, once the item count is within the limit (413 before any work)."""
+    count_check(values, limits)
     return [decode_base64(value, index) for index, value in enumerate(values)]
 
 

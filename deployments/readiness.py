@@ -77,6 +77,7 @@ class TowerWatch:
 
     async def _watch(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 self.running = await asyncio.to_thread(self._read)
                 self.checked_at = time.monotonic()
@@ -85,7 +86,6 @@ class TowerWatch:
                 if not self._failing:
                     logger.warning("cannot read the towers' state from Serve's controller", exc_info=True)
                 self._failing = True
-            self._wake.clear()
             wait = self.idle_s if not self.not_ready() else self.starting_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)

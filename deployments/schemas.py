@@ -17,7 +17,7 @@ from .errors import BadRequest
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "3" for 3, no true for 1
 
 
 class TextRequest(Body):
@@ -56,7 +56,7 @@ class RankItem(Body):
 
 class RankRequest(Body):
     query: RankItem
-    candidates: list[RankItem]
+    candidates: list[RankItem] = Field(min_length=1)
     top_k: PositiveInt | None = None
 
 

@@ -112,9 +112,8 @@ class TowerBase:
         self.tower = args.tower
         self.pipeline = args.pipeline
         torch.set_num_threads(args.threads)
-        [ref] = await store.get.remote(self.tower)
+        [ref], self.checkpoint = await store.get.remote(self.tower)  # one call: these weights, their sha256
         state = await ref
-        self.checkpoint = await store.info.remote()
         self.model = await asyncio.to_thread(build_tower, state, self.tower, args.build)
         self.device = self.model.device.type
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
@@ -158,16 +157,8 @@ class TowerBase:
     async def embed_prepared(self, items: Sequence[Prepared]) -> TowerAnswer:
         """The router's call: one request's prepared items -> its rows or its error, as a value."""
         sha256 = self.checkpoint["sha256"]
-        wrong = next(
-            (i for i, item in enumerate(items) if not isinstance(item, self.pipeline.item_type)), None
-        )
-        if wrong is not None:
-            error = InvalidInputError(
-                f"the {self.tower} tower takes {self.pipeline.item_type.__name__} items, "
-                f"got {type(items[wrong]).__name__}",
-                index=wrong,
-                reason=Reason.UNSUPPORTED_TYPE,
-            )
+        error = self._refusal(items)
+        if error is not None:
             return TowerAnswer(None, error, 0.0, 0.0, sha256)
         if not items:
             return TowerAnswer(np.zeros((0, self.model.config.embed_dim), np.float32), None, 0.0, 0.0, sha256)
@@ -181,9 +172,30 @@ class TowerBase:
             raise result
         return TowerAnswer(result, None, (started - arrived) * 1000, (finished - started) * 1000, sha256)
 
+    def _refusal(self, items: Sequence[Prepared]) -> InvalidInputError | None:
+        """Why these prepared items cannot be batched (any handle caller may send them), or None."""
+        for index, item in enumerate(items):
+            if not isinstance(item, self.pipeline.item_type):
+                return InvalidInputError(
+                    f"the {self.tower} tower takes {self.pipeline.item_type.__name__} items, "
+                    f"got {type(item).__name__}",
+                    index=index,
+                    reason=Reason.UNSUPPORTED_TYPE,
+                )
+            try:
+                self.pipeline.check(item, self.args.limits)
+            except InvalidInputError as err:
+                return err.at_index(index)
+        return None
+
     async def embed(self, items: Sequence[Any], options: dict | None = None) -> np.ndarray:
         """A handle call straight to the tower: raw or prepared items -> ``[N, 1024]`` float32,
         unnormalised; raises ``InvalidInputError`` naming the bad item."""
+        unknown = set(options or {}) - {"truncate"}
+        if unknown:
+            raise InvalidInputError(
+                f"unknown option(s) {sorted(unknown)}; the option is 'truncate'", reason=Reason.BAD_ITEM
+            )
         prepared = await asyncio.to_thread(
             self.pipeline.prepare_all, items, self.args.limits, Options(**(options or {}))
         )
@@ -191,9 +203,6 @@ class TowerBase:
         if answer.error is not None:
             raise answer.error
         return answer.embeddings
-
-    def ready(self) -> bool:
-        return True
 
     def describe(self) -> dict:
         return {

@@ -42,12 +42,13 @@ class WeightStore:
             towers,
         )
 
-    def get(self, tower: str) -> list[ray.ObjectRef]:
-        """A one-element list, so the caller borrows the reference instead of resolving it here."""
+    def get(self, tower: str) -> tuple[list[ray.ObjectRef], dict]:
+        """The tower's weights as a one-element list (so the caller borrows the reference instead of
+        resolving it here) and ``info()``, from the same store replica."""
         if tower not in self._refs:
             raise KeyError(f"tower {tower!r} is not served (towers: {sorted(self._refs)})")
         self._refs_given[tower] += 1
-        return [self._refs[tower]]
+        return [self._refs[tower]], self.info()
 
     def info(self) -> dict:
         """What the weights are, and how often each tower's replicas took them (``refs_given``)."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import NamedTuple
 
 import pytest
@@ -15,6 +13,7 @@ from conftest import INPUTS, max_rel
 
 import audioclip
 from audioclip.checkpoint import LOGIT_SCALE_KEYS, file_sha256, tower_of
+from audioclip_serve import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"
@@ -129,30 +128,21 @@ def test_a_checkpoint_missing_a_key_is_refused_by_name(shared_checkpoint, tmp_pa
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".*"))
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_verification_catches_a_single_changed_bit(tmp_path):
     """The verifier itself must be able to fail: one flipped bit, a NaN payload, -0.0 vs 0.0."""
-    script = _load_script()
     source = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "scale": torch.tensor(0.0)}
     path = tmp_path / "ok.safetensors"
-    script.write_verified(source, path, {})
-    script.verify(path, source)  # identical: passes
+    convert.write_verified(source, path, {})
+    convert.verify(path, source)  # identical: passes
     flipped = source["a"].clone()
     flipped.view(torch.int32)[1, 2] ^= 1
-    with pytest.raises(script.ConversionError, match="a: values differ"):
-        script.verify(path, {**source, "a": flipped})
-    with pytest.raises(script.ConversionError, match="scale: values differ"):
-        script.verify(path, {**source, "scale": torch.tensor(-0.0)})
-    with pytest.raises(script.ConversionError, match="missing key extra"):
-        script.verify(path, {**source, "extra": torch.zeros(1)})
+    with pytest.raises(convert.ConversionError, match="a: values differ"):
+        convert.verify(path, {**source, "a": flipped})
+    with pytest.raises(convert.ConversionError, match="scale: values differ"):
+        convert.verify(path, {**source, "scale": torch.tensor(-0.0)})
+    with pytest.raises(convert.ConversionError, match="missing key extra"):
+        convert.verify(path, {**source, "extra": torch.zeros(1)})
     nan_a = torch.tensor([float("nan")])
     nan_b = nan_a.clone()
     nan_b.view(torch.int32)[0] ^= 1
-    assert script.bits_equal(nan_a, nan_a.clone()) and not script.bits_equal(nan_a, nan_b)
+    assert convert.bits_equal(nan_a, nan_a.clone()) and not convert.bits_equal(nan_a, nan_b)

@@ -63,7 +63,12 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("elastic")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"}
+    # Token auth, as the README's cluster commands run it: the token file serves `ray start`, the
+    # serve CLI and this test's driver (which may have token mode on already from an earlier module).
+    subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"}
     gcs, dashboard, http_port = free_port(), free_port(), free_port()
     start = [
         str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
@@ -74,7 +79,7 @@ def cluster(tmp_path_factory):
     config["http_options"]["port"] = http_port
     found = Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard}", config, workdir, env)
     saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_AUTH_MODE"] = "token"
     try:
         found.deploy(config, "autoscale")
         print(f"\nautoscale.yaml ready {wait_ready(found.url, timeout_s=300):.1f} s after serve deploy")
