@@ -86,6 +86,10 @@ def cluster(tmp_path_factory):
         ray.init(address=f"127.0.0.1:{gcs}", namespace="elastic-tests", log_to_driver=False)
         yield found
     finally:
+        # serve.shutdown first: the driver's handles keep a metrics thread that would otherwise
+        # reconnect on its own, and exit this process once `ray stop` took the cluster away.
+        if ray.is_initialized():
+            serve.shutdown()
         ray.shutdown()
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
         if saved is None:
@@ -191,8 +195,16 @@ def test_audio_tower_sleeps_at_zero_and_cold_starts_on_demand(cluster):
     warm = time.monotonic() - started
     print(f"\naudio cold start: first request {cold_start:.1f} s, the next {warm:.2f} s")
     assert again.status_code == 200 and again.json()["embeddings"] == r.json()["embeddings"]
-    ready = httpx.get(f"{cluster.url}/readyz", timeout=10).json()
-    assert ready["scaled_to_zero"] == [] and _replicas(cluster, "audio") == 1, ready
+    # The state comes from the controller, refreshed within about a second of a probe that finds it old.
+    awake = _wait(
+        lambda: (
+            httpx.get(f"{cluster.url}/readyz", timeout=10).json()["scaled_to_zero"] == []
+            and _replicas(cluster, "audio") == 1
+        ),
+        30,
+        "/readyz and /v1/models reporting the audio replica",
+    )
+    print(f"readiness reported the awake audio tower {awake:.1f} s after its answer")
 
 
 def _expected_text(checkpoint: str) -> np.ndarray:
