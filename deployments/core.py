@@ -9,6 +9,7 @@ it directly with any ``TowerClient``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -131,25 +132,26 @@ class EmbeddingCore:
 
     # ------------------------------------------------------------------ decoding
     async def decode(
-        self, modality: str, items: Sequence[Any], options: Options = DEFAULT_OPTIONS
+        self,
+        modality: str,
+        items: Sequence[Any],
+        options: Options = DEFAULT_OPTIONS,
+        limits: Limits | None = None,
     ) -> tuple[list[Prepared], float]:
         """Every item prepared in the pool, and the milliseconds it took. Texts go as one task
         (tokenizing is cheap); images and clips one task each, so decode threads share them. The
         error of the first bad item (by position) is raised."""
         self._check_served(modality)
         items = as_item_list(items)
+        limits = limits or self.limits
         pipeline = self.pipelines[modality]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         if modality == "text":
-            prepared = await loop.run_in_executor(
-                self.pool, pipeline.prepare_all, items, self.limits, options
-            )
+            prepared = await loop.run_in_executor(self.pool, pipeline.prepare_all, items, limits, options)
         else:
-            count_check(items, self.limits)
-            tasks = [
-                loop.run_in_executor(self.pool, pipeline.prepare, i, self.limits, options) for i in items
-            ]
+            count_check(items, limits)
+            tasks = [loop.run_in_executor(self.pool, pipeline.prepare, i, limits, options) for i in items]
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for index, result in enumerate(results):
                 if isinstance(result, InvalidInputError):
@@ -179,13 +181,6 @@ class EmbeddingCore:
         result.usage_tokens = self.pipelines[modality].usage_tokens(prepared)
         if normalize:
             result.embeddings = l2_normalized(result.embeddings)
-        return result
-
-    async def _embed_once(self, modality: str, items: Sequence[Any]) -> Embedded:
-        """decode + ``embed_prepared`` without retries (``rank`` retries as a whole)."""
-        prepared, preprocess_ms = await self.decode(modality, items)
-        result = await self.embed_prepared(modality, prepared)
-        result.timings.preprocess_ms = preprocess_ms
         return result
 
     async def embed_prepared(self, modality: str, prepared: Sequence[Prepared]) -> Embedded:
@@ -238,34 +233,57 @@ class EmbeddingCore:
         count_check(candidates, self.limits)
         if not candidates:
             raise InvalidInputError("rank needs at least one candidate", reason=Reason.EMPTY)
-        return await self._one_checkpoint(lambda: self._rank_once(query, candidates, scales, top_k))
-
-    async def _rank_once(
-        self,
-        query: Mapping[str, Any],
-        candidates: Sequence[Mapping[str, Any]],
-        scales: Callable[[str], Awaitable[Mapping[str, float]]],
-        top_k: int | None,
-    ) -> Ranked:
         items = [query, *candidates]
         where: list[int | None] = [None, *range(len(candidates))]  # the query has no index
         kinds = [modality_of(item, where[i]) for i, item in enumerate(items)]
-        vectors = np.zeros((len(items), EMBED_DIM), dtype=np.float32)
-        timings, checkpoints = Timings(), set()
+        started = time.perf_counter()
+        groups = await self._decode_groups(items, kinds, where)  # once, whatever the retries
+        preprocess_ms = (time.perf_counter() - started) * 1000
+        ranked = await self._one_checkpoint(lambda: self._rank_prepared(groups, kinds, scales, top_k))
+        ranked.timings.preprocess_ms = preprocess_ms
+        return ranked
 
-        async def embed_group(kind: str) -> None:
-            positions = [i for i, k in enumerate(kinds) if k == kind]
-            if not positions:
-                return
-            try:
-                done = await self._embed_once(kind, [items[i][kind] for i in positions])
-            except InvalidInputError as err:
-                raise relocated(err, [where[i] for i in positions]) from None
+    async def _decode_groups(
+        self, items: list[Mapping[str, Any]], kinds: list[str], where: list[int | None]
+    ) -> dict[str, tuple[list[int], list[Prepared]]]:
+        """Each modality's items decoded once: ``{kind: (positions, prepared)}``. Of several bad
+        items, the first by position is raised, whichever group finished decoding first."""
+        groups = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in ranking.MODALITIES}
+        groups = {k: positions for k, positions in groups.items() if positions}
+        # the query joins its modality's group; the candidates alone were checked against the limit
+        limits = dataclasses.replace(self.limits, max_items=self.limits.max_items + 1)
+        decoded = await asyncio.gather(
+            *(self.decode(k, [items[i][k] for i in ps], limits=limits) for k, ps in groups.items()),
+            return_exceptions=True,
+        )
+        errors = []
+        for positions, result in zip(groups.values(), decoded, strict=True):
+            if isinstance(result, InvalidInputError):
+                errors.append(relocated(result, [where[i] for i in positions]))
+            elif isinstance(result, BaseException):
+                raise result
+        if errors:
+            raise min(errors, key=lambda e: -1 if e.index is None else e.index)
+        return {k: (ps, prepared) for (k, ps), (prepared, _) in zip(groups.items(), decoded, strict=True)}
+
+    async def _rank_prepared(
+        self,
+        groups: dict[str, tuple[list[int], list[Prepared]]],
+        kinds: list[str],
+        scales: Callable[[str], Awaitable[Mapping[str, float]]],
+        top_k: int | None,
+    ) -> Ranked:
+        """One try at ranking decoded items; ``MixedCheckpoints`` where the vectors or the scales of
+        two checkpoints would meet."""
+        parts = await asyncio.gather(
+            *(self.embed_prepared(k, prepared) for k, (_, prepared) in groups.items())
+        )
+        vectors = np.zeros((len(kinds), EMBED_DIM), dtype=np.float32)
+        timings, checkpoints = Timings(), set()
+        for (positions, _), done in zip(groups.values(), parts, strict=True):
             vectors[positions] = done.embeddings
             timings.merge(done.timings)
             checkpoints.update(done.checkpoints)
-
-        await asyncio.gather(*(embed_group(k) for k in ranking.MODALITIES))
         if len(checkpoints) != 1:
             raise MixedCheckpoints(f"rank vectors came from checkpoints {sorted(checkpoints)}")
         pair_scales = await scales(next(iter(checkpoints)))

@@ -92,7 +92,10 @@ def test_rank_maps_errors_to_candidates_and_scores_like_the_model(towers, model)
     bad = [{"text": "ok"}, {"image": b"broken"}, {"text": "word " * 100}]
     with pytest.raises(audioclip.InvalidInputError) as info:
         asyncio.run(_core(towers).rank({"text": "q"}, bad, scales))
-    assert info.value.index in (1, 2)  # groups run concurrently; either bad candidate, never the query
+    assert (info.value.index, info.value.reason) == (1, "undecodable")  # the first bad one by position
+    full = [{"text": f"label {i}"} for i in range(3)]  # max_items candidates, and a text query too
+    ranked = asyncio.run(_core(towers, limits=Limits(max_items=3)).rank({"text": "q"}, full, scales))
+    assert sorted(r["index"] for r in ranked.results) == [0, 1, 2]
     with pytest.raises(audioclip.InvalidInputError) as info:
         asyncio.run(_core(towers).rank({"video": "q"}, labels, scales))
     assert (info.value.index, info.value.reason) == (None, "bad_item")
@@ -101,8 +104,9 @@ def test_rank_maps_errors_to_candidates_and_scores_like_the_model(towers, model)
 def test_an_answer_never_mixes_checkpoints(towers, model):
     texts = [f"a sound number {i}" for i in range(4)]  # two chunks
     towers.checkpoints[:] = ["old", "new", "new", "new"]  # the first try mixes, the retry does not
+    towers.calls.clear()
     result = asyncio.run(_core(towers).embed("text", texts))
-    assert result.checkpoints == {"new"} or result.checkpoints == {"sha"}
+    assert result.checkpoints == {"new"} and towers.calls == [("text", 2)] * 4  # two tries of two chunks
     assert_matches(result.embeddings, model.encode_text(texts), 0.99999)
     towers.checkpoints[:] = ["old", "new"] * 8  # still rolling after every retry: refused, never mixed
     with pytest.raises(MixedCheckpoints):
