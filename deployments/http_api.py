@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Protocol
 
 import numpy as np
@@ -303,27 +303,37 @@ async def embed_text(request: Request, service: Guarded) -> Response:
     return embed_response(request, service, "text", result, body.normalize)
 
 
-async def _media_items(
-    request: Request, service: Service, json_model: type, raw_prefix: str
-) -> tuple[list, bool | None]:
-    """The items of an image or audio request, whatever its content type, and the JSON body's
-    ``normalize`` (None for other bodies, which take it from the query). npy bodies come back as
-    one array, for the route to read."""
+async def _embed_media(
+    request: Request,
+    service: Service,
+    modality: str,
+    json_model: type,
+    from_npy: Callable[[np.ndarray], list],
+    normalize: bool,
+) -> Response:
+    """An image or audio request, whatever its content type: multipart files, JSON base64 / data URIs
+    (whose ``normalize`` field overrides the query's), a raw ``<modality>/*`` body, or an npy array
+    (read by ``from_npy``), embedded and answered."""
     kind = hi.media_type(request)
     limits = service.args.limits
+    raw_prefix = f"{modality}/"
     if kind == "multipart/form-data":
-        return await hi.multipart_files(request, limits), None
-    body = await hi.read_body(request, limits)
-    if kind == "application/json":
-        parsed = parse_body(json_model, body)
-        field = next(iter(json_model.model_fields))
-        return hi.decode_all_base64(getattr(parsed, field), service.args.limits.items), parsed.normalize
-    if kind.startswith(raw_prefix):
-        return [body], None
-    if kind == hi.NPY:
-        return [hi.load_npy(body)], None
-    accepted = ("application/json", "multipart/form-data", f"{raw_prefix}*", hi.NPY)
-    raise hi.unsupported(raw_prefix.rstrip("/"), kind, accepted)
+        items = await hi.multipart_files(request, limits)
+    else:
+        body = await hi.read_body(request, limits)
+        if kind == "application/json":
+            parsed = parse_body(json_model, body)
+            items = hi.decode_all_base64(getattr(parsed, next(iter(json_model.model_fields))), limits.items)
+            normalize = parsed.normalize
+        elif kind.startswith(raw_prefix):
+            items = [body]
+        elif kind == hi.NPY:
+            items = from_npy(hi.load_npy(body))
+        else:
+            accepted = ("application/json", "multipart/form-data", f"{raw_prefix}*", hi.NPY)
+            raise hi.unsupported(modality, kind, accepted)
+    result = await service.core.embed(modality, items, normalize=normalize)
+    return embed_response(request, service, modality, result, normalize)
 
 
 def _npy_images(array: np.ndarray, preprocess: bool) -> list:
@@ -367,12 +377,9 @@ async def embed_image(
 ) -> Response:
     """Images (JPEG, PNG, WebP, GIF, TIFF, BMP ...) -> embeddings: one raw body, multipart files,
     JSON base64 / data URIs, or npy arrays."""
-    items, json_normalize = await _media_items(request, service, ImageJSONRequest, "image/")
-    if hi.media_type(request) == hi.NPY:
-        items = _npy_images(items[0], preprocess)
-    normalize = normalize if json_normalize is None else json_normalize
-    result = await service.core.embed("image", items, normalize=normalize)
-    return embed_response(request, service, "image", result, normalize)
+    return await _embed_media(
+        request, service, "image", ImageJSONRequest, lambda array: _npy_images(array, preprocess), normalize
+    )
 
 
 @api.post(
@@ -390,14 +397,13 @@ async def embed_audio(
     sample_rate: Annotated[int | None, Query(gt=0, description="Hz, for an npy body")] = None,
 ) -> Response:
     """Audio (WAV, FLAC, OGG/Vorbis, Opus, MP3 ... at any rate, resampled to 44.1 kHz) -> embeddings."""
-    items, json_normalize = await _media_items(request, service, AudioJSONRequest, "audio/")
-    if hi.media_type(request) == hi.NPY:
+
+    def from_npy(array: np.ndarray) -> list:
         if sample_rate is None:
             raise BadRequest("an npy audio body needs ?sample_rate=<positive integer Hz>")
-        items = [(items[0], sample_rate)]
-    normalize = normalize if json_normalize is None else json_normalize
-    result = await service.core.embed("audio", items, normalize=normalize)
-    return embed_response(request, service, "audio", result, normalize)
+        return [(array, sample_rate)]
+
+    return await _embed_media(request, service, "audio", AudioJSONRequest, from_npy, normalize)
 
 
 @api.post(

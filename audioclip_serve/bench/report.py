@@ -226,19 +226,21 @@ def time_split_table(results: Sequence[ServedResult]) -> str:
     return "\n".join(lines)
 
 
+def _by_role_table(results: Sequence[ServedResult], field: str, roles: list[str], spec: str) -> str:
+    """One row per case that has ``field`` figures, one column per role, then the total."""
+    lines = ["| case | " + " | ".join(roles) + " | total |", "|---|" + "--:|" * (len(roles) + 1)]
+    for r in results:
+        values = getattr(r, field)
+        if not r.skipped and values:
+            cells = [fmt(values.get(role), spec) for role in [*roles, "total"]]
+            lines.append(f"| {r.path} {r.kind} x{r.items} c{r.concurrency} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cpu_role_table(results: Sequence[ServedResult]) -> str:
     """Cores busy per role for each case: where the CPU goes."""
     roles = sorted({k for r in results for k in r.cpu_cores if k != "total"})
-    lines = ["| case | " + " | ".join(roles) + " | total |", "|---|" + "--:|" * (len(roles) + 1)]
-    for r in results:
-        if not r.skipped:
-            cells = [fmt(r.cpu_cores.get(role), ".2f") for role in roles]
-            lines.append(
-                f"| {r.path} {r.kind} x{r.items} c{r.concurrency} | "
-                + " | ".join(cells)
-                + f" | {r.cpu_cores.get('total', 0):.2f} |"
-            )
-    return "\n".join(lines)
+    return _by_role_table(results, "cpu_cores", roles, ".2f")
 
 
 def cpu_per_request_table(results: Sequence[ServedResult]) -> str:
@@ -247,17 +249,9 @@ def cpu_per_request_table(results: Sequence[ServedResult]) -> str:
     found = {k for r in results for k in r.cpu_ms_per_request if k != "total"}
     first = [role for role in LEADING_ROLES if role in found]
     last = [OTHER_RAY] if OTHER_RAY in found else []
-    roles = first + sorted(found - {*first, *last}) + last
-    lines = ["| case | " + " | ".join(roles) + " | total |", "|---|" + "--:|" * (len(roles) + 1)]
-    for r in results:
-        if not r.skipped and r.cpu_ms_per_request:
-            cells = [fmt(r.cpu_ms_per_request.get(role), ".1f") for role in roles]
-            lines.append(
-                f"| {r.path} {r.kind} x{r.items} c{r.concurrency} | "
-                + " | ".join(cells)
-                + f" | {r.cpu_ms_per_request['total']:.1f} |"
-            )
-    return "\n".join(lines)
+    return _by_role_table(
+        results, "cpu_ms_per_request", first + sorted(found - {*first, *last}) + last, ".1f"
+    )
 
 
 def plot(results: Sequence[ServedResult], raw: Sequence[RawResult], path: Path) -> None:
