@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# Token auth for every cluster the tests start or join, set before anything imports Ray: Ray reads the
+# mode once per process, so a driver joining a `ray start --head` cluster (test_elastic) must not
+# depend on an earlier module's local `ray.init()` having switched it on.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"

@@ -54,7 +54,9 @@ def server(request, shared_weights, tmp_path_factory):
     cores). The busy app reads a text-only file of the same weights: no synthetic generation."""
     text_only = tmp_path_factory.mktemp("busy") / "text.safetensors"
     save_file({k: v for k, v in shared_weights.items() if tower_of(k) in ("text", "scales")}, str(text_only))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="audioclip-client-tests")
+    ray.init(
+        "local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="audioclip-client-tests"
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.monotonic()

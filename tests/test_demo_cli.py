@@ -1,24 +1,21 @@
 """`serve run configs/demo.yaml`, as a user runs it, reaches /readyz and answers.
 
-This module must run before any module that starts Ray in the test process (file order):
-`serve run` starts its own local cluster.
+`serve run --address local` starts a cluster of its own, beside any other in the test process.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
-from serve_support import free_port, wait_ready
+
+from audioclip_serve.bench.serveapp import ServeApp
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -65,38 +62,17 @@ def run_readme_snippets(port: int, tmp_path: Path) -> None:
 
 
 def test_serve_run_demo_config(tmp_path):
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump(config))
-    serve_bin = Path(sys.executable).with_name("serve")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [str(serve_bin), "run", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    app = ServeApp(ROOT / "configs" / "demo.yaml", tmp_path, ready_timeout_s=300)
+    app.start()  # fails fast, with the log's tail, if serve run exits before /readyz answers
     try:
-        started = time.monotonic()
-        seconds = wait_ready(url, timeout_s=300)
-        print(f"\ndemo ready {seconds:.1f} s after the first probe ({time.monotonic() - started:.1f} s)")
+        print(f"\ndemo ready {app.ready_s:.1f} s after the first probe")
         r = httpx.post(
-            f"{url}/v1/embed/text", json={"texts": ["a dog barking"], "normalize": True}, timeout=60
+            f"{app.url}/v1/embed/text", json={"texts": ["a dog barking"], "normalize": True}, timeout=60
         )
         assert r.status_code == 200
         body = r.json()
         assert body["model"] == "audioclip-demo" and len(body["embeddings"][0]) == 1024
-        assert httpx.get(f"{url}/v1/models", timeout=60).json()["weights"] == "synthetic"
-        run_readme_snippets(port, tmp_path)
+        assert httpx.get(f"{app.url}/v1/models", timeout=60).json()["weights"] == "synthetic"
+        run_readme_snippets(app.port, tmp_path)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        app.stop()

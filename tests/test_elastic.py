@@ -64,7 +64,7 @@ class Cluster:
 def cluster(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("elastic")
     # Token auth, as the README's cluster commands run it: the token file serves `ray start`, the
-    # serve CLI and this test's driver (which may have token mode on already from an earlier module).
+    # serve CLI and this test's driver.
     subprocess.run(
         [str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60
     )
@@ -78,8 +78,7 @@ def cluster(tmp_path_factory):
     config = yaml.safe_load((ROOT / "configs" / "autoscale.yaml").read_text())
     config["http_options"]["port"] = http_port
     found = Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard}", config, workdir, env)
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    assert os.environ["RAY_AUTH_MODE"] == "token"  # set by conftest before Ray was imported
     try:
         found.deploy(config, "autoscale")
         print(f"\nautoscale.yaml ready {wait_ready(found.url, timeout_s=300):.1f} s after serve deploy")
@@ -92,10 +91,6 @@ def cluster(tmp_path_factory):
             serve.shutdown()
         ray.shutdown()
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @dataclass

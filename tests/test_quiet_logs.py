@@ -36,7 +36,7 @@ ALARMS = re.compile(r"\bERROR\b|Traceback|CRITICAL|exception was never retrieved
 
 @pytest.fixture(scope="module")
 def base_url():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="audioclip-quiet")
+    ray.init("local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="audioclip-quiet")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

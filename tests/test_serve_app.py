@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def app_url():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="audioclip-tests")
+    ray.init("local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="audioclip-tests")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.monotonic()

@@ -75,14 +75,17 @@ class ServeApp:
     def start(self) -> None:
         serve_cli = Path(sys.executable).with_name("serve")
         if serve_cli.exists():
-            command = [str(serve_cli), "run", str(self.config)]
+            command = [str(serve_cli), "run"]
         else:  # ray installed without its scripts next to this interpreter (e.g. pip --target)
             entry = "import sys; from ray.serve.scripts import cli; sys.argv[0] = 'serve'; cli()"
-            command = [sys.executable, "-c", entry, "run", str(self.config)]
+            command = [sys.executable, "-c", entry, "run"]
+        # A cluster of its own: without ``--address local`` Ray joins the last ``ray start`` cluster
+        # named in /tmp/ray/ray_current_cluster, which a killed run leaves behind pointing at nothing.
+        command += ["--address", "local", str(self.config)]
         log(f"starting: {' '.join(command)} (log: {self.log_path})")
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy()
+                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=self.env()
             )
         try:
             self.ready_s = wait_ready(self.url, self.ready_timeout_s, self.proc)
@@ -91,6 +94,14 @@ class ServeApp:
             self.stop()
             raise
         log(f"app ready at {self.url} after {self.ready_s:.0f} s")
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        """This process's environment, without a ``RAY_ADDRESS`` that would override ``--address``,
+        and with the project importable for the replicas."""
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        return env
 
     def gcs_address(self) -> str | None:
         return gcs_address(descendants(self.proc.pid)) if self.proc else None
