@@ -138,17 +138,33 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def parse_embeddings(response: httpx.Response, expected_rows: int) -> np.ndarray:
-    """``[N, 1024]`` float32 from an npy body (asked for) or, from a server that ignored that, JSON."""
+# The server's embedding_dtype codes (audioclip.quantize, which this light client does not import).
+EMBEDDING_DTYPES = {
+    "float32": (np.dtype("<f4"), EMBED_DIM),
+    "float16": (np.dtype("<f2"), EMBED_DIM),
+    "int8": (np.dtype("i1"), EMBED_DIM),
+    "uint8": (np.dtype("u1"), EMBED_DIM),
+    "binary": (np.dtype("i1"), EMBED_DIM // 8),
+    "ubinary": (np.dtype("u1"), EMBED_DIM // 8),
+}
+
+
+def parse_embeddings(
+    response: httpx.Response, expected_rows: int, embedding_dtype: str = "float32"
+) -> np.ndarray:
+    """``[N, 1024]`` rows of the dtype (``[N, 128]`` for packed bits) from an npy body (asked for)
+    or, from a server that ignored that, JSON."""
+    dtype, width = EMBEDDING_DTYPES[embedding_dtype]
     if response.headers.get("content-type", "").startswith(NPY):
         array = np.load(io.BytesIO(response.content), allow_pickle=False)
     else:
-        array = np.asarray(response.json()["embeddings"], dtype=np.float32).reshape(-1, EMBED_DIM)
-    if array.shape != (expected_rows, EMBED_DIM):
+        array = np.asarray(response.json()["embeddings"], dtype=dtype).reshape(-1, width)
+    if array.shape != (expected_rows, width) or array.dtype != dtype:
         raise AudioCLIPClientError(
-            f"expected [{expected_rows}, {EMBED_DIM}] embeddings, got {list(array.shape)}"
+            f"expected {embedding_dtype} [{expected_rows}, {width}] embeddings, "
+            f"got {array.dtype} {list(array.shape)}"
         )
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(array)
 
 
 def rank_item(item: Mapping[str, Any]) -> dict[str, str]:
@@ -215,11 +231,12 @@ class AudioCLIPClient:
         truncate: bool = False,
         batch_size: int = 64,
         progress: bool = False,
+        embedding_dtype: str = "float32",
     ) -> np.ndarray:
-        """``[N, 1024]`` float32, one row per text in order. ``truncate`` cuts texts over 77 tokens
-        instead of failing them (422 ``text_too_long``)."""
+        """``[N, 1024]`` float32 (or the ``embedding_dtype``'s codes), one row per text in order.
+        ``truncate`` cuts texts over 77 tokens instead of failing them (422 ``text_too_long``)."""
         items = as_item_list(texts, "texts", str)
-        options = {"normalize": normalize, "truncate": truncate}
+        options = {"normalize": normalize, "truncate": truncate, "embedding_dtype": embedding_dtype}
         return self._embed("/v1/embed/text", "texts", items, str, options, batch_size, progress)
 
     def embed_images(
@@ -228,10 +245,12 @@ class AudioCLIPClient:
         normalize: bool = False,
         batch_size: int = 16,
         progress: bool = False,
+        embedding_dtype: str = "float32",
     ) -> np.ndarray:
-        """``[N, 1024]`` float32 for image files (paths or encoded bytes); paths are read per batch."""
+        """``[N, 1024]`` float32 (or the ``embedding_dtype``'s codes) for image files (paths or
+        encoded bytes); paths are read per batch."""
         items = as_item_list(images, "images", _MEDIA_TYPES)
-        options = {"normalize": normalize}
+        options = {"normalize": normalize, "embedding_dtype": embedding_dtype}
         return self._embed("/v1/embed/image", "images", items, encode_media, options, batch_size, progress)
 
     def embed_audio(
@@ -240,10 +259,12 @@ class AudioCLIPClient:
         normalize: bool = False,
         batch_size: int = 8,
         progress: bool = False,
+        embedding_dtype: str = "float32",
     ) -> np.ndarray:
-        """``[N, 1024]`` float32 for audio files (WAV, FLAC, OGG, MP3 ... as paths or bytes)."""
+        """``[N, 1024]`` float32 (or the ``embedding_dtype``'s codes) for audio files (WAV, FLAC,
+        OGG, MP3 ... as paths or bytes)."""
         items = as_item_list(clips, "clips", _MEDIA_TYPES)
-        options = {"normalize": normalize}
+        options = {"normalize": normalize, "embedding_dtype": embedding_dtype}
         return self._embed("/v1/embed/audio", "audio", items, encode_media, options, batch_size, progress)
 
     def rank(
@@ -283,14 +304,18 @@ class AudioCLIPClient:
         field: str,
         items: list,
         encode: Callable[[Any], Any],
-        options: dict[str, bool],
+        options: dict[str, Any],
         batch_size: int,
         progress: bool,
     ) -> np.ndarray:
         """Send ``items`` in requests of ``batch_size`` and stack the answers in input order."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        parts = [np.zeros((0, EMBED_DIM), dtype=np.float32)]
+        dtype_name = options["embedding_dtype"]
+        if dtype_name not in EMBEDDING_DTYPES:
+            raise ValueError(f"embedding_dtype must be one of {list(EMBEDDING_DTYPES)}, got {dtype_name!r}")
+        dtype, width = EMBEDDING_DTYPES[dtype_name]
+        parts = [np.zeros((0, width), dtype=dtype)]
         with tqdm(total=len(items), unit="item", desc=field, disable=not progress) as bar:
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
@@ -299,7 +324,7 @@ class AudioCLIPClient:
                     response = self._request("POST", path, json=body, headers={"accept": NPY})
                 except AudioCLIPHTTPError as err:
                     raise err.at_offset(start) from None
-                parts.append(parse_embeddings(response, len(chunk)))
+                parts.append(parse_embeddings(response, len(chunk), dtype_name))
                 bar.update(len(chunk))
         return np.concatenate(parts)
 

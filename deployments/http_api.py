@@ -13,6 +13,7 @@ import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Protocol
 
 import numpy as np
@@ -28,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from audioclip.errors import InvalidInputError
 from audioclip.pipeline import ImagePipeline, Options, count_check
+from audioclip.quantize import EmbeddingDtype, quantize
 
 from . import http_input as hi
 from . import openai_compat
@@ -47,6 +49,7 @@ from .schemas import (
     EmbedResponse,
     ErrorResponse,
     ImageJSONRequest,
+    MediaJSONRequest,
     ModelsResponse,
     OpenAIEmbeddingsRequest,
     OpenAIEmbeddingsResponse,
@@ -76,6 +79,8 @@ class Service(Protocol):
 
 
 _BOUND: dict[str, Service] = {}
+NormalizeQuery = Annotated[bool, Query(description="L2-normalise (binary bodies)")]
+DtypeQuery = Annotated[EmbeddingDtype, Query(description="float32, float16, int8, uint8, binary, ubinary")]
 
 
 def bind(service: Service) -> None:
@@ -188,11 +193,29 @@ def answer_headers(request: Request, timings: Timings, checkpoint: str) -> dict[
     }
 
 
+@dataclass(frozen=True)
+class AnswerForm:
+    """How a request wants its vectors: L2-normalised or not, and in which ``embedding_dtype``."""
+
+    normalize: bool = False
+    embedding_dtype: str = "float32"
+
+    def overridden_by(self, body: MediaJSONRequest) -> AnswerForm:
+        """The JSON body's own choices where it makes them; the query's otherwise."""
+        given = {
+            name: getattr(body, name)
+            for name in ("normalize", "embedding_dtype")
+            if name in body.model_fields_set
+        }
+        return replace(self, **given)
+
+
 def embed_response(
-    request: Request, service: Service, modality: str, result: Embedded, normalize: bool
+    request: Request, service: Service, modality: str, result: Embedded, form: AnswerForm
 ) -> Response:
-    """JSON, or an npy float32 ``[N, 1024]`` with ``Accept: application/x-npy``."""
-    embeddings = np.ascontiguousarray(result.embeddings, dtype=np.float32)
+    """JSON, or an npy ``[N, 1024]`` (``[N, 128]`` packed bits) of the ``embedding_dtype`` with
+    ``Accept: application/x-npy``."""
+    embeddings = quantize(result.embeddings, form.embedding_dtype)
     headers = answer_headers(request, result.timings, result.checkpoint)
     if hi.NPY in request.headers.get("accept", ""):
         buf = io.BytesIO()
@@ -202,7 +225,8 @@ def embed_response(
         "model": service.args.model_name,
         "modality": modality,
         "dim": EMBED_DIM,
-        "normalized": normalize,
+        "normalized": form.normalize,
+        "embedding_dtype": form.embedding_dtype,
         "embeddings": embeddings,
     }
     return FastJSONResponse(body, headers=headers)
@@ -300,20 +324,20 @@ async def embed_text(request: Request, service: Guarded) -> Response:
     result = await service.core.embed(
         "text", body.texts, normalize=body.normalize, options=Options(truncate=body.truncate)
     )
-    return embed_response(request, service, "text", result, body.normalize)
+    return embed_response(request, service, "text", result, AnswerForm(body.normalize, body.embedding_dtype))
 
 
 async def _embed_media(
     request: Request,
     service: Service,
     modality: str,
-    json_model: type,
+    json_model: type[MediaJSONRequest],
     from_npy: Callable[[np.ndarray], list],
-    normalize: bool,
+    answer: AnswerForm,
 ) -> Response:
     """An image or audio request, whatever its content type: multipart files, JSON base64 / data URIs
-    (whose ``normalize`` field overrides the query's), a raw ``<modality>/*`` body, or an npy array
-    (read by ``from_npy``), embedded and answered."""
+    (whose ``normalize`` and ``embedding_dtype``, where given, override the query's), a raw
+    ``<modality>/*`` body, or an npy array (read by ``from_npy``), embedded and answered."""
     kind = hi.media_type(request)
     limits = service.args.limits
     raw_prefix = f"{modality}/"
@@ -323,8 +347,8 @@ async def _embed_media(
         body = await hi.read_body(request, limits)
         if kind == "application/json":
             parsed = parse_body(json_model, body)
-            items = hi.decode_all_base64(getattr(parsed, next(iter(json_model.model_fields))), limits.items)
-            normalize = parsed.normalize
+            items = hi.decode_all_base64(getattr(parsed, json_model.items_field), limits.items)
+            answer = answer.overridden_by(parsed)
         elif kind.startswith(raw_prefix):
             items = [body]
         elif kind == hi.NPY:
@@ -332,8 +356,8 @@ async def _embed_media(
         else:
             accepted = ("application/json", "multipart/form-data", f"{raw_prefix}*", hi.NPY)
             raise hi.unsupported(modality, kind, accepted)
-    result = await service.core.embed(modality, items, normalize=normalize)
-    return embed_response(request, service, modality, result, normalize)
+    result = await service.core.embed(modality, items, normalize=answer.normalize)
+    return embed_response(request, service, modality, result, answer)
 
 
 def _npy_images(array: np.ndarray, preprocess: bool) -> list:
@@ -372,13 +396,15 @@ def _npy_images(array: np.ndarray, preprocess: bool) -> list:
 async def embed_image(
     request: Request,
     service: Guarded,
-    normalize: Annotated[bool, Query(description="L2-normalise (binary bodies)")] = False,
+    normalize: NormalizeQuery = False,
+    embedding_dtype: DtypeQuery = "float32",
     preprocess: Annotated[bool, Query(description="false: an npy body of normalised pixels")] = True,
 ) -> Response:
     """Images (JPEG, PNG, WebP, GIF, TIFF, BMP ...) -> embeddings: one raw body, multipart files,
     JSON base64 / data URIs, or npy arrays."""
+    form = AnswerForm(normalize, embedding_dtype)
     return await _embed_media(
-        request, service, "image", ImageJSONRequest, lambda array: _npy_images(array, preprocess), normalize
+        request, service, "image", ImageJSONRequest, lambda array: _npy_images(array, preprocess), form
     )
 
 
@@ -393,7 +419,8 @@ async def embed_image(
 async def embed_audio(
     request: Request,
     service: Guarded,
-    normalize: Annotated[bool, Query(description="L2-normalise (binary bodies)")] = False,
+    normalize: NormalizeQuery = False,
+    embedding_dtype: DtypeQuery = "float32",
     sample_rate: Annotated[int | None, Query(gt=0, description="Hz, for an npy body")] = None,
 ) -> Response:
     """Audio (WAV, FLAC, OGG/Vorbis, Opus, MP3 ... at any rate, resampled to 44.1 kHz) -> embeddings."""
@@ -403,7 +430,8 @@ async def embed_audio(
             raise BadRequest("an npy audio body needs ?sample_rate=<positive integer Hz>")
         return [(array, sample_rate)]
 
-    return await _embed_media(request, service, "audio", AudioJSONRequest, from_npy, normalize)
+    form = AnswerForm(normalize, embedding_dtype)
+    return await _embed_media(request, service, "audio", AudioJSONRequest, from_npy, form)
 
 
 @api.post(
@@ -421,7 +449,8 @@ async def openai_embeddings(request: Request, service: Guarded) -> Response:
     if body.modality != "text":
         inputs = hi.decode_all_base64(inputs, service.args.limits.items)
     result = await service.core.embed(body.modality, inputs, normalize=True)
-    answer = openai_compat.embeddings_response(body, result.embeddings, result.usage_tokens)
+    embeddings = quantize(result.embeddings, body.embedding_dtype)
+    answer = openai_compat.embeddings_response(body, embeddings, result.usage_tokens)
     return FastJSONResponse(answer, headers=answer_headers(request, result.timings, result.checkpoint))
 
 

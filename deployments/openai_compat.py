@@ -22,14 +22,18 @@ def check_request(request: OpenAIEmbeddingsRequest, served_model: str, dim: int)
             f"model {request.model!r} is not served here; this endpoint serves {served_model!r}"
         )
     if request.dimensions is not None and request.dimensions != dim:
-        raise BadRequest(f"dimensions must be {dim}: AudioCLIP embeddings cannot be shortened meaningfully")
+        raise BadRequest(
+            f"dimensions must be {dim}: AudioCLIP was not trained for truncated vectors, so a shorter "
+            "prefix of its embedding is not a meaningful embedding"
+        )
     return [request.input] if isinstance(request.input, str) else request.input
 
 
 def embeddings_response(request: OpenAIEmbeddingsRequest, embeddings: np.ndarray, prompt_tokens: int) -> dict:
-    """OpenAI's list shape; base64 is the raw little-endian float32 bytes, as OpenAI sends it."""
+    """OpenAI's list shape, for rows already in the request's ``embedding_dtype``; base64 is each
+    row's raw little-endian bytes (float32 by default, as OpenAI sends it)."""
     data = []
-    for index, row in enumerate(np.asarray(embeddings, dtype="<f4")):
+    for index, row in enumerate(embeddings):
         value = base64.b64encode(row.tobytes()).decode() if request.encoding_format == "base64" else row
         data.append({"object": "embedding", "index": index, "embedding": value})
     return {

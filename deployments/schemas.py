@@ -7,11 +7,12 @@ naming its index, like any item the pipeline refuses; anything else about the bo
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictBool, ValidationError, model_validator
 
 from audioclip.errors import InvalidInputError, Reason
+from audioclip.quantize import EmbeddingDtype
 
 from .errors import BadRequest
 
@@ -20,20 +21,35 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # no "3" for 3, no true for 1
 
 
+DTYPE_FIELD = Field(
+    "float32",
+    description="float32, or a compact code: float16, int8, uint8 (per-vector scale), binary, ubinary "
+    "(sign bits packed in 128 bytes); the rules are in audioclip.quantize",
+)
+
+
 class TextRequest(Body):
     texts: list[str] = Field(description="one string per item")
     normalize: StrictBool = Field(False, description="L2-normalise the embeddings")
     truncate: StrictBool = Field(False, description="cut texts over 77 tokens instead of refusing them")
+    embedding_dtype: EmbeddingDtype = DTYPE_FIELD
 
 
-class ImageJSONRequest(Body):
+class MediaJSONRequest(Body):
+    """``normalize`` and ``embedding_dtype``, where given, override the query's."""
+
+    normalize: StrictBool = False
+    embedding_dtype: EmbeddingDtype = DTYPE_FIELD
+
+
+class ImageJSONRequest(MediaJSONRequest):
+    items_field: ClassVar[str] = "images"
     images: list[str] = Field(description="base64 or data-URI encoded image files (no URL is fetched)")
-    normalize: StrictBool = False
 
 
-class AudioJSONRequest(Body):
+class AudioJSONRequest(MediaJSONRequest):
+    items_field: ClassVar[str] = "audio"
     audio: list[str] = Field(description="base64 or data-URI encoded audio files (no URL is fetched)")
-    normalize: StrictBool = False
 
 
 class RankItem(Body):
@@ -71,6 +87,7 @@ class OpenAIEmbeddingsRequest(Body):
     )
     user: str | None = None
     modality: Literal["text", "image", "audio"] = "text"
+    embedding_dtype: EmbeddingDtype = DTYPE_FIELD
 
 
 class ErrorDetail(BaseModel):
@@ -86,15 +103,18 @@ class ErrorResponse(BaseModel):
 class EmbedResponse(BaseModel):
     model: str
     modality: Literal["text", "image", "audio"]
-    dim: int
+    dim: int = Field(description="the vectors' dimension (packed dtypes: 8 per value)")
     normalized: bool
-    embeddings: list[list[float]]
+    embedding_dtype: EmbeddingDtype
+    embeddings: list[list[float]] | list[list[int]]
 
 
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"]
     index: int
-    embedding: list[float] | str = Field(description="floats, or base64 little-endian float32 bytes")
+    embedding: list[float] | list[int] | str = Field(
+        description="numbers, or base64 of the little-endian bytes of the embedding_dtype"
+    )
 
 
 class OpenAIUsage(BaseModel):

@@ -24,6 +24,7 @@ from ray import serve
 from serve_support import ENV_KEY_VAR, TEST_ARGS, free_port, wait_ready
 
 import audioclip
+from audioclip.quantize import EMBEDDING_DTYPES, NUMPY_DTYPE, quantize
 from deployments.app import build_app
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -452,6 +453,88 @@ def test_openai_client_text_image_audio(app_url, model):
 
     with pytest.raises(NotFoundError):
         client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+# ---------------------------------------------------------------------------- compact vectors
+def test_embedding_dtypes_on_every_native_answer(client):
+    """Each dtype's codes equal the library's rule applied to the served float32 rows, in JSON and
+    in npy, for text (body field) and image (query, and a JSON field overriding it)."""
+    texts = ["a dog barking", "rain on a tin roof"]
+    base = _embeddings(client.post("/v1/embed/text", json={"texts": texts, "normalize": True}))
+    image = (INPUTS / "rocket.jpg").read_bytes()
+    image_base = _embeddings(
+        client.post("/v1/embed/image", content=image, headers={"content-type": "image/jpeg"})
+    )
+    for dtype in EMBEDDING_DTYPES:
+        expected = quantize(base, dtype)
+        body = {"texts": texts, "normalize": True, "embedding_dtype": dtype}
+        r = client.post("/v1/embed/text", json=body)
+        assert r.status_code == 200 and r.json()["embedding_dtype"] == dtype and r.json()["dim"] == 1024
+        codes = np.asarray(r.json()["embeddings"], dtype=NUMPY_DTYPE[dtype])
+        close = 1 if dtype == "float16" else 0  # float16 JSON numbers round-trip through float32
+        assert codes.shape == expected.shape and _code_distance(codes, expected, dtype) <= close
+        npy = client.post("/v1/embed/text", json=body, headers={"accept": "application/x-npy"})
+        array = np.load(io.BytesIO(npy.content))
+        assert array.dtype == NUMPY_DTYPE[dtype] and _code_distance(array, expected, dtype) <= close
+        raw = client.post(
+            f"/v1/embed/image?embedding_dtype={dtype}", content=image, headers={"content-type": "image/jpeg"}
+        )
+        assert (
+            _code_distance(np.asarray(raw.json()["embeddings"]), quantize(image_base, dtype), dtype) <= close
+        )
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+    overridden = client.post(
+        "/v1/embed/image?embedding_dtype=int8", json={"images": [data_uri], "embedding_dtype": "ubinary"}
+    )
+    assert (
+        overridden.json()["embedding_dtype"] == "ubinary" and len(overridden.json()["embeddings"][0]) == 128
+    )
+    kept = client.post("/v1/embed/image?embedding_dtype=int8", json={"images": [data_uri]})
+    assert kept.json()["embedding_dtype"] == "int8"  # the query's choice where the body makes none
+
+
+def _code_distance(a: np.ndarray, b: np.ndarray, dtype: str) -> float:
+    """Largest difference of two code arrays (float16: in units of the last place)."""
+    if dtype == "float16":
+        return float(
+            np.abs(a.astype(np.float16).view(np.int16).astype(int) - b.view(np.int16).astype(int)).max()
+        )
+    if dtype == "float32":
+        return float(np.abs(a.astype(np.float32) - b).max() > 1e-6)
+    return float(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_openai_embedding_dtype_and_dimensions(app_url):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+    texts = ["a dog barking", "a rocket launch"]
+    floats = np.asarray(
+        [
+            d.embedding
+            for d in client.embeddings.create(
+                model="audioclip-test", input=texts, encoding_format="float"
+            ).data
+        ],
+        dtype=np.float32,
+    )
+    as_ints = client.embeddings.create(
+        model="audioclip-test", input=texts, encoding_format="float", extra_body={"embedding_dtype": "int8"}
+    )
+    assert np.array_equal(np.asarray([d.embedding for d in as_ints.data]), quantize(floats, "int8"))
+    packed = client.embeddings.create(
+        model="audioclip-test",
+        input=texts,
+        encoding_format="base64",
+        extra_body={"embedding_dtype": "ubinary"},
+    )
+    rows = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype=np.uint8) for d in packed.data])
+    assert np.array_equal(rows, quantize(floats, "ubinary"))  # 128 raw bytes per vector
+    with pytest.raises(BadRequestError) as refused:
+        client.embeddings.create(model="audioclip-test", input="x", dimensions=512)
+    assert refused.value.status_code == 400 and "not trained for truncated vectors" in str(refused.value)
+    bad = httpx.post(f"{app_url}/v1/embed/text", json={"texts": ["x"], "embedding_dtype": "int4"}, timeout=60)
+    assert bad.status_code == 400 and "embedding_dtype" in bad.json()["error"]["message"]
 
 
 def test_models_in_openai_list_shape(app_url):
