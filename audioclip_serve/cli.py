@@ -14,6 +14,11 @@ nothing was written (bad arguments, no inputs, checkpoint or server unusable).
 With ``--server`` the running service does the work (through AudioCLIPClient); otherwise the
 model runs here (``--checkpoint PATH`` or ``synthetic:NAME``; default ``$AUDIOCLIP_CHECKPOINT`` or
 ``.cache/AudioCLIP-Full-Training.pt``), building only the one tower it needs.
+
+With ``--ray [ADDRESS]`` a Ray Data job on that cluster (or a local one) embeds images or audio
+into a Parquet folder ``-o OUT/`` and resumes where an earlier run on OUT stopped; INPUT may also
+be a ``.txt`` manifest of paths or URIs (see ``audioclip_serve.corpus``). ``--embedding-dtype``
+writes compact vectors (``audioclip.quantize``) in every mode.
 """
 
 from __future__ import annotations
@@ -249,13 +254,15 @@ def sidecars(out: Path) -> tuple[Path, Path]:
     return out.with_suffix(".txt"), out.with_suffix(".errors.txt")
 
 
-def write_outputs(out: Path, outcome: Outcome) -> None:
-    """The matrix, its row sources and the skipped items; a stale errors file from an earlier run
-    is removed so it cannot be mistaken for this run's."""
+def write_outputs(out: Path, outcome: Outcome, embedding_dtype: str = "float32") -> None:
+    """The matrix (in ``embedding_dtype``), its row sources and the skipped items; a stale errors
+    file from an earlier run is removed so it cannot be mistaken for this run's."""
+    from audioclip.quantize import quantize
+
     rows = np.concatenate([empty_rows(), *outcome.rows])
     assert len(rows) == len(outcome.labels), "every row has exactly one source"
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, rows.astype(np.float32, copy=False), allow_pickle=False)
+    np.save(out, quantize(rows, embedding_dtype), allow_pickle=False)
     sources_path, errors_path = sidecars(out)
     sources_path.write_text("".join(f"{label}\n" for label in outcome.labels), encoding="utf-8")
     if outcome.errors:
@@ -278,6 +285,14 @@ def make_embedder(args: argparse.Namespace) -> tuple[Embedder, Callable[[], None
 
 def check_paths(args: argparse.Namespace) -> None:
     """Refuse outputs that would overwrite the input (``texts.txt -o texts.npy``)."""
+    if args.ray is not None:
+        if args.server:
+            raise FatalError("--ray and --server are two ways to run; choose one")
+        if args.modality == "text":
+            raise FatalError("--ray embeds files (images, audio); texts embed in-process or with --server")
+        if args.output.suffix == ".npy":
+            raise FatalError("with --ray the output is a folder of Parquet files, not an .npy")
+        return
     if args.output.suffix != ".npy":
         raise FatalError(f"the output must end with .npy, got {args.output}")
     source = args.input.resolve()
@@ -287,6 +302,8 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from audioclip.quantize import EMBEDDING_DTYPES
+
     p = argparse.ArgumentParser(
         prog="audioclip-embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -312,8 +329,66 @@ def parser() -> argparse.ArgumentParser:
         "--api-key", default=os.environ.get("AUDIOCLIP_API_KEY"), help="with --server (env AUDIOCLIP_API_KEY)"
     )
     p.add_argument("--timeout", type=float, default=300.0, help="with --server: seconds per request")
+    p.add_argument(
+        "--embedding-dtype",
+        choices=EMBEDDING_DTYPES,
+        default="float32",
+        help="float32, or compact codes (rules in audioclip.quantize) (default: %(default)s)",
+    )
+    ray_group = p.add_argument_group("a Ray Data job (--ray)")
+    ray_group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="embed on a Ray cluster (ADDRESS, else $RAY_ADDRESS or the running one, else a local one) "
+        "into the Parquet folder -o; INPUT may be a .txt manifest of paths/URIs",
+    )
+    ray_group.add_argument("--actors", type=int, default=1, help="tower actors (default: 1)")
+    ray_group.add_argument("--cpus-per-actor", type=float, default=1.0, help="(default: 1)")
+    ray_group.add_argument("--gpus-per-actor", type=float, default=0.0, help="(default: 0, CPU towers)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
+
+
+def run_on_ray(args: argparse.Namespace, batch_size: int) -> int:
+    """The corpus job; exit status 1 where some files were unusable (listed in ``OUT/_errors.tsv``)."""
+    import ray
+
+    from .corpus import ERRORS_FILE, CorpusJob, run
+
+    try:
+        job = CorpusJob(
+            modality=TOWER[args.modality],
+            checkpoint=args.checkpoint,
+            output=str(args.output),
+            embedding_dtype=args.embedding_dtype,
+            normalize=args.normalize,
+            actors=args.actors,
+            batch_size=batch_size,
+            cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor,
+        )
+    except ValueError as err:
+        raise FatalError(str(err)) from err
+    suffixes = IMAGE_SUFFIXES if args.modality == "images" else AUDIO_SUFFIXES
+    ray.init(address=args.ray or None, log_to_driver=False)
+    try:
+        report = run(job, str(args.input), suffixes)
+    except FileNotFoundError as err:
+        raise FatalError(str(err)) from err
+    finally:
+        ray.shutdown()
+    for source, reason in report.first_errors:
+        print(f"audioclip-embed: unusable {source}: {reason}", file=sys.stderr)
+    if report.unusable > len(report.first_errors):
+        print(f"audioclip-embed: ... {report.unusable - len(report.first_errors)} more", file=sys.stderr)
+    print(
+        f"audioclip-embed: wrote {report.written} rows to {args.output} ({report.unusable} unusable, "
+        f"listed in {ERRORS_FILE}; {report.skipped} already there; {report.output_rows} rows in all)",
+        file=sys.stderr,
+    )
+    return 1 if report.unusable else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -324,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         check_paths(args)
+        if args.ray is not None:
+            return run_on_ray(args, batch_size)
         sources = collect(args.modality, args.input)
         if not sources:
             raise FatalError(f"no {args.modality} inputs found in {args.input}")
@@ -335,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FatalError as err:
         print(f"audioclip-embed: error: {err}", file=sys.stderr)
         return 2
-    write_outputs(args.output, outcome)
+    write_outputs(args.output, outcome, args.embedding_dtype)
     print(
         f"audioclip-embed: wrote {len(outcome.labels)} rows to {args.output}"
         + (f"; skipped {len(outcome.errors)} (see {sidecars(args.output)[1]})" if outcome.errors else ""),
