@@ -375,7 +375,7 @@ def run_on_ray(args: argparse.Namespace, batch_size: int) -> int:
     ray.init(address=args.ray or None, log_to_driver=False)
     try:
         report = run(job, str(args.input), suffixes)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise FatalError(str(err)) from err
     finally:
         ray.shutdown()

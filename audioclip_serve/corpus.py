@@ -8,7 +8,8 @@ machine's client drives it. Here Ray Data streams the corpus through the cluster
 
 INPUT is a folder (searched recursively for known extensions; a local path or any URI pyarrow's
 filesystems read, e.g. ``s3://bucket/photos``) or a manifest: a ``.txt`` file with one path or URI
-per line (relative paths are taken from the manifest's folder). The manifest is read by Ray Data,
+per line (relative paths are taken from the manifest's folder; local paths are normalised, so a
+file has one source name however it was listed). The manifest is read by Ray Data,
 so the driver never holds the corpus. Each output row is ``source``, ``modality``, ``embedding``
 (a fixed-size list of the ``embedding_dtype``; null for an unusable file), ``checkpoint_sha256``
 and ``error`` (null, or why the file could not be used). Running again with the same OUT skips
@@ -243,7 +244,7 @@ def source_dataset(input_uri: str, suffixes: frozenset[str]) -> Any:
 
         def resolve(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             lines = [line.strip() for line in batch["text"]]
-            paths = [p if "://" in p or p.startswith("/") else posixpath.join(base, p) for p in lines if p]
+            paths = [p if "://" in p else posixpath.normpath(posixpath.join(base, p)) for p in lines if p]
             return {"source": np.array(paths, dtype=object)}
 
         return ray.data.read_text(input_uri).map_batches(resolve, batch_format="numpy")
@@ -252,12 +253,19 @@ def source_dataset(input_uri: str, suffixes: frozenset[str]) -> Any:
 
 def run(job: CorpusJob, input_uri: str, suffixes: frozenset[str]) -> JobReport:
     """Embed every source not yet in ``job.output`` and write it there; the caller has joined or
-    started the Ray cluster. The sources already written are gathered by a task on this node and
-    reach the skip stage through the object store: the driver holds neither them nor the corpus."""
+    started the Ray cluster, which must have CPUs beyond the actors' for the reading, decoding and
+    writing tasks. The sources already written are gathered by a task on this node and reach the
+    skip stage through the object store: the driver holds neither them nor the corpus."""
     import ray
     import ray.data
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if job.actors * job.cpus_per_actor >= cpus:  # the tasks would wait forever for a CPU
+        raise ValueError(
+            f"{job.actors} actors x {job.cpus_per_actor:g} CPUs leave none of the cluster's {cpus:g} CPUs "
+            "for the tasks that read, decode and write; use fewer actors or fewer CPUs per actor"
+        )
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     count_ref, done_ref = (
         ray.remote(_written).options(num_returns=2, scheduling_strategy=here).remote(job.output)
@@ -266,7 +274,10 @@ def run(job: CorpusJob, input_uri: str, suffixes: frozenset[str]) -> JobReport:
     earlier = set(_parquet_files(job.output))  # after the task removed any half-written file
     ds = source_dataset(input_uri, suffixes)
     if skipped:
-        ds = ds.map_batches(skip_written, fn_args=([done_ref],), batch_format="numpy")
+        ds = ds.map_batches(skip_written, fn_args=([done_ref],), batch_size=None, batch_format="numpy")
+    # Small blocks, so that decoding and the actors share the work (a manifest is one block, a
+    # folder's listing a few): streamed, never the whole corpus at once.
+    ds = ds.repartition(target_num_rows_per_block=job.decode_batch_size)
     decoded = ds.map_batches(
         decode_batch,
         fn_args=(job.modality, job.limits),
