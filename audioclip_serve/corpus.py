@@ -3,17 +3,22 @@
 An HTTP service is the wrong tool for a million files: every file crosses the proxy, and one
 machine's client drives it. Here Ray Data streams the corpus through the cluster instead:
 
-    sources -> skip rows already in OUT -> read + decode (tasks, the library's pipeline)
+    sources -> skip rows already in OUT -> read + decode (the library's pipeline)
             -> embed (an actor pool of towers, CPU or GPU) -> Parquet files in OUT
+
+Ray Data runs reading and decoding inside the tower actors when both ask for the same resources
+(CPU towers: no copy of decoded items between processes), and in CPU tasks beside GPU towers or
+towers given more CPUs; the cluster must keep CPUs free of actors for those and the writes.
 
 INPUT is a folder (searched recursively for known extensions; a local path or any URI pyarrow's
 filesystems read, e.g. ``s3://bucket/photos``) or a manifest: a ``.txt`` file with one path or URI
-per line (relative paths are taken from the manifest's folder; local paths are normalised, so a
-file has one source name however it was listed). The manifest is read by Ray Data,
-so the driver never holds the corpus. Each output row is ``source``, ``modality``, ``embedding``
-(a fixed-size list of the ``embedding_dtype``; null for an unusable file), ``checkpoint_sha256``
-and ``error`` (null, or why the file could not be used). Running again with the same OUT skips
-every source already written, so an interrupted job resumes where it stopped.
+per line (relative paths are taken from the manifest's folder; local paths are normalised, so a file
+has one source name however it was listed). A manifest is read by Ray Data, so the driver never
+holds it; a folder is listed by the driver (its paths only). Each output row is ``source``,
+``modality``, ``embedding`` (a fixed-size list of the ``embedding_dtype``; null for an unusable
+file), ``checkpoint_sha256`` and ``error`` (null, or why the file could not be used). Running again
+with the same OUT skips every source already written, so an interrupted job resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -27,14 +32,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from audioclip.image_input import IMAGE_SIZE
 from audioclip.pipeline import AudioItem, ImageItem, Limits, pipelines
 from audioclip.quantize import EMBEDDING_DTYPES, NUMPY_DTYPE, quantize, row_length
 
-EMBED_DIM = 1024
 MODALITIES = ("image", "audio")
 ERRORS_FILE = "_errors.tsv"  # underscore: Parquet readers skip it when they read the folder
-_ARROW_TYPE = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8(), "uint8": pa.uint8()}
-_ARROW_TYPE |= {"binary": pa.int8(), "ubinary": pa.uint8()}
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def decode_batch(batch: dict[str, np.ndarray], modality: str, limits: Limits) ->
 
 def prepared_item(modality: str, data: bytes, channels: int) -> ImageItem | AudioItem:
     if modality == "image":
-        return ImageItem(np.frombuffer(data, dtype=np.uint8).reshape(224, 224, 3))
+        return ImageItem(np.frombuffer(data, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3))
     return AudioItem(np.frombuffer(data, dtype=np.float32).reshape(channels, -1))
 
 
@@ -200,19 +203,16 @@ class TowerActor:
         self.pipeline = pipelines()[job.modality]
         self.job = job
         self.sha256 = info.sha256
-        self.width = row_length(EMBED_DIM, job.embedding_dtype)
-        self.value_type = _ARROW_TYPE[job.embedding_dtype]
+        self.width = row_length(self.model.config.embed_dim, job.embedding_dtype)
+        self.value_type = pa.from_numpy_dtype(NUMPY_DTYPE[job.embedding_dtype])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
         from audioclip.model import l2_normalized
 
         ok = [i for i, error in enumerate(batch.column("error").to_pylist()) if error is None]
         data, channels = batch.column("item").to_pylist(), batch.column("channels").to_pylist()
         items = [prepared_item(self.job.modality, data[i], channels[i]) for i in ok]
-        with torch.inference_mode():
-            rows = self.pipeline.embed(self.model, items)
+        rows = self.pipeline.embed(self.model, items)
         if self.job.normalize:
             rows = l2_normalized(rows)
         codes = quantize(rows, self.job.embedding_dtype)

@@ -3,13 +3,13 @@
     python scripts/bench_corpus.py --images 96            # throughput: audioclip-embed vs --ray
     python scripts/bench_corpus.py --manifest-entries 100000   # driver peak RSS, 1,000 vs N entries
 
-Throughput runs the same generated photos through ``audioclip-embed images`` in this process's
-way (the model in the CLI process) and through ``--ray`` on a local cluster the command starts
-(one actor, and the remaining CPU for reading, decoding and writing), each as a user runs it;
-wall time includes start-up, so the steady rate is also given from the rows and the job's time
-after the first file was written. The manifest run lists paths of files that do not exist: every
-entry becomes an ``error`` row, so the job's work per entry is small and what is measured is the
-driver's memory as the entry count grows (peak RSS of the ``audioclip-embed`` process alone).
+Throughput runs the same generated photos through ``audioclip-embed images`` in this process's way
+(the model in the CLI process) and through ``--ray`` on a local cluster the command starts (one
+actor, and the remaining CPU for writing), each as a user runs it; wall time includes each one's
+start-up (model build, and for --ray the local cluster), measured in one run. The manifest run lists
+paths of files that do not exist: every entry becomes an ``error`` row, so the job's work per entry
+is small and what is measured is the driver's memory as the entry count grows (peak RSS of the
+``audioclip-embed`` process alone).
 """
 
 from __future__ import annotations

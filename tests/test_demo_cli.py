@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from audioclip_serve.bench.serveapp import ServeApp
@@ -33,7 +34,7 @@ def run_readme_snippets(port: int, tmp_path: Path) -> None:
     for n, (language, code) in enumerate(readme_snippets()):
         code = code.replace("localhost:8000", f"127.0.0.1:{port}")
         code = code.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
-        code = re.sub(r"-o (\S+\.npy)", lambda m: f"-o {tmp_path / m.group(1)}", code)  # outputs go to tmp
+        code = re.sub(r" -o (\S+)", lambda m: f" -o {tmp_path / m.group(1)}", code)  # outputs go to tmp
         if language == "bash":
             cmd = ["bash", "-euo", "pipefail", "-c", code]
         else:
@@ -59,6 +60,11 @@ def run_readme_snippets(port: int, tmp_path: Path) -> None:
     sources = (tmp_path / "photos.txt").read_text().split()
     assert sources == [p.name for p in photos]
     assert np.load(tmp_path / "clips.npy").shape[1] == 1024  # audioclip-embed, in-process
+    assert np.load(tmp_path / "photo_bits.npy").dtype == np.uint8  # embedding_dtype=ubinary
+    assert np.load(tmp_path / "photo_bits.npy").shape == (1, 128)
+    corpus = pq.read_table(tmp_path / "photos_parquet")  # audioclip-embed --ray local
+    assert sorted(Path(s).name for s in corpus.column("source").to_pylist()) == [p.name for p in photos]
+    assert corpus.column("error").null_count == len(photos)
 
 
 def test_serve_run_demo_config(tmp_path):

@@ -68,7 +68,7 @@ def cluster(tmp_path_factory):
     subprocess.run(
         [str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60
     )
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"}
+    env = {**os.environ, "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"}  # token auth: from conftest
     gcs, dashboard, http_port = free_port(), free_port(), free_port()
     start = [
         str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",

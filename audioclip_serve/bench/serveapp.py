@@ -97,9 +97,8 @@ class ServeApp:
 
     @staticmethod
     def env() -> dict[str, str]:
-        """This process's environment, without a ``RAY_ADDRESS`` that would override ``--address``,
-        and with the project importable for the replicas."""
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        """This process's environment, with the project importable for the replicas."""
+        env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
