@@ -79,4 +79,10 @@ def test_openapi_describes_every_body_content_type_and_error_status():
     assert set(posts["/v1/embed/audio"]["requestBody"]["content"]) >= {"audio/*", "application/x-npy"}
     assert schemas["TextRequest"]["properties"]["texts"]["items"]["type"] == "string"
     assert "query" in schemas["RankRequest"]["required"]
-    assert {p["name"] for p in posts["/v1/embed/audio"]["parameters"]} == {"normalize", "sample_rate"}
+    assert {p["name"] for p in posts["/v1/embed/audio"]["parameters"]} == {
+        "normalize",
+        "embedding_dtype",
+        "sample_rate",
+    }
+    dtypes = schemas["TextRequest"]["properties"]["embedding_dtype"]["enum"]
+    assert dtypes == ["float32", "float16", "int8", "uint8", "binary", "ubinary"]
