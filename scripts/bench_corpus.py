@@ -28,11 +28,20 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process now (Linux /proc), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_cli(args: list[str]) -> tuple[float, float, str]:
     """(seconds, peak RSS MiB of that process alone, sampled every 0.1 s, stderr) of one
     ``audioclip-embed`` run; the Ray processes it starts are not counted."""
-    import psutil
-
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
@@ -42,12 +51,9 @@ def run_cli(args: list[str]) -> tuple[float, float, str]:
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        watched, peak = psutil.Process(proc.pid), 0
+        peak = 0
         while proc.poll() is None:
-            try:
-                peak = max(peak, watched.memory_info().rss)
-            except psutil.NoSuchProcess:
-                break
+            peak = max(peak, rss_bytes(proc.pid))
             time.sleep(0.1)
         proc.wait()
         err.seek(0)
