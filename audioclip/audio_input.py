@@ -2,14 +2,15 @@
 
 AudioCLIP was trained on ``librosa.load(sr=44100) * 32768`` (AUDIOCLIP.md section 6), so every input
 is brought to 44100 Hz and scaled so that full scale is +-32768. Mono (C=1) and stereo (C=2) are
-kept as they are; the audio tower handles both.
+kept as they are (the audio tower handles both); more channels (5.1 ...) are mixed to mono by their
+mean, as the reference's ESC-50 loader did.
 
-Decoding uses ``soundfile`` (libsndfile). With soundfile 0.14 and its bundled libsndfile 1.2.2 this
-covers WAV/RF64/W64, FLAC, AIFF, CAF, OGG/Vorbis, Ogg Opus and MP3 (MPEG layers I-III); Opus and MP3
-were checked to decode, from bytes and from paths. Containers libsndfile lacks (MP4/AAC/M4A, WebM)
-are refused as ``undecodable``; convert them with ffmpeg upstream. Header fields (channels, frames,
-rate) are checked before any sample is decoded, and at most ``max_seconds`` worth of frames is ever
-read, so a lying header cannot make us allocate more.
+Decoding uses ``soundfile`` (libsndfile) where it reads the format: WAV/RF64/W64, FLAC, AIFF, CAF,
+OGG/Vorbis, Ogg Opus and MP3. What it lacks (M4A/AAC, WebM/Opus, Matroska, the audio track of
+MP4/MOV video) goes to FFmpeg through PyAV (``audio_demux``). Either way the format is recognised by
+the bytes, not by a name or a content type; header fields (channels, frames, rate) are checked
+before any sample is decoded, and at most ``max_seconds`` worth of frames is ever read, so a lying
+header cannot make us allocate more.
 
 Resampling uses ``soxr`` (libsoxr, ``quality="VHQ"``, its 28-bit-precision recipe): a band-limited
 resampler with a flat passband and very high stopband rejection, for any ratio (22050, 48000, 32000,
@@ -22,8 +23,6 @@ it is a small self-contained wheel, while scipy would be a large dependency for 
 from __future__ import annotations
 
 import io
-import math
-import numbers
 import os
 from pathlib import Path
 
@@ -31,6 +30,15 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from audioclip.audio_checks import (
+    check_channels,
+    check_duration,
+    check_finite,
+    check_rate,
+    downmixed,
+    frame_limit,
+)
+from audioclip.audio_demux import NotRecognised, decode_container
 from audioclip.errors import InvalidInputError, Reason, describe
 
 SAMPLE_RATE = 44100
@@ -47,70 +55,50 @@ def _fail(message: str, reason: Reason) -> InvalidInputError:
     return InvalidInputError(message, reason=reason)
 
 
-def _check_rate(sample_rate: object) -> int:
-    """A sample rate must be a positive integer number of Hz."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Integral) or sample_rate <= 0:
-        raise _fail(
-            f"sample_rate must be a positive integer (Hz), got {sample_rate!r}", Reason.BAD_SAMPLE_RATE
-        )
-    return int(sample_rate)
-
-
-def _check_channels(channels: int) -> None:
-    if channels > 2:
-        raise _fail(
-            f"audio has {channels} channels; only mono and stereo are supported", Reason.TOO_MANY_CHANNELS
-        )
-
-
-def _check_duration(frames: int, rate: int, max_seconds: float) -> None:
-    """Refuse before decoding or resampling: cost grows with length."""
-    if frames == 0:
-        raise _fail("audio has no samples", Reason.EMPTY)
-    if frames / rate > max_seconds:
-        raise _fail(
-            f"audio is {frames / rate:.1f} s long, more than the limit {max_seconds:g} s",
-            Reason.AUDIO_TOO_LONG,
-        )
-
-
-def _check_finite(samples: np.ndarray) -> None:
-    if not np.isfinite(samples).all():
-        raise _fail("audio contains NaN or infinity", Reason.NOT_FINITE)
-
-
 def _check_file_rate(file_rate: int, sample_rate: int | None) -> None:
     """A file knows its rate; a caller's different claim means the caller is confused."""
-    if sample_rate is not None and _check_rate(sample_rate) != file_rate:
+    if sample_rate is not None and check_rate(sample_rate) != file_rate:
         raise _fail(
             f"sample_rate={sample_rate} was given but the file is {file_rate} Hz; omit sample_rate for files",
             Reason.SAMPLE_RATE_MISMATCH,
         )
 
 
+def _decode_sndfile(source: io.BytesIO | str | os.PathLike, max_seconds: float) -> tuple[np.ndarray, int]:
+    """libsndfile's read into ``[N, C]`` float32; header checks come first."""
+    with sf.SoundFile(source) as handle:
+        check_channels(handle.channels)
+        check_duration(handle.frames, handle.samplerate, max_seconds)
+        frames = frame_limit(max_seconds, handle.samplerate)
+        unit = handle.read(frames=frames, dtype="float32", always_2d=True)
+        return unit, handle.samplerate
+
+
 def _decode(
     data: bytes | bytearray | memoryview | str | os.PathLike, sample_rate: int | None, max_seconds: float
 ) -> tuple[np.ndarray, int]:
-    """Decode with libsndfile into ``[N, C]`` float32 in [-1, 1]; header checks come first."""
+    """An encoded file -> ``[N, C]`` float32 in [-1, 1] and its rate: libsndfile where it reads the
+    format, FFmpeg (``audio_demux``) for the containers it lacks (M4A, WebM, video tracks ...)."""
     if isinstance(data, str | os.PathLike) and not Path(data).is_file():
         raise _fail(f"audio file {os.fspath(data)!r} does not exist", Reason.NOT_FOUND)
     source = io.BytesIO(bytes(data)) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
-        with sf.SoundFile(source) as handle:
-            _check_file_rate(handle.samplerate, sample_rate)
-            _check_channels(handle.channels)
-            _check_duration(handle.frames, handle.samplerate, max_seconds)
-            limit = math.floor(max_seconds * handle.samplerate) + 1
-            unit = handle.read(frames=limit, dtype="float32", always_2d=True)
-            rate = handle.samplerate
+        unit, rate = _decode_sndfile(source, max_seconds)
     except InvalidInputError:
         raise
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise _fail(f"cannot decode audio: {describe(err)}", Reason.UNDECODABLE) from err
-    _check_duration(unit.shape[0], rate, max_seconds)  # the header's frame count may have lied
-    _check_finite(unit)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sndfile_err:
+        try:
+            unit, rate = decode_container(data, max_seconds)
+        except NotRecognised:
+            raise _fail(
+                f"cannot decode audio: {describe(sndfile_err)} (neither libsndfile nor FFmpeg reads it)",
+                Reason.UNDECODABLE,
+            ) from None
+    _check_file_rate(rate, sample_rate)
+    check_duration(unit.shape[0], rate, max_seconds)  # the header's frame count may have lied
+    check_finite(unit)
     # Lossy decoders overshoot full scale slightly on loud material; PCM could not exceed it.
-    return np.clip(unit, -1.0, 1.0, out=unit), rate
+    return downmixed(np.clip(unit, -1.0, 1.0, out=unit)), rate
 
 
 def _channels_first(array: np.ndarray) -> np.ndarray:
@@ -127,14 +115,14 @@ def _channels_first(array: np.ndarray) -> np.ndarray:
             "(e.g. array.T)",
             Reason.BAD_SHAPE,
         )
-    _check_channels(array.shape[0])
+    check_channels(array.shape[0])
     return array
 
 
 def _array_to_unit(array: np.ndarray) -> np.ndarray:
     """Float in [-1, 1] or integer PCM -> float32 in [-1, 1], same layout."""
     if np.issubdtype(array.dtype, np.floating):
-        _check_finite(array)
+        check_finite(array)
         low, high = float(array.min()), float(array.max())
         if low < -1.0 or high > 1.0:
             raise _fail(f"float audio must lie in [-1, 1], got [{low:g}, {high:g}]", Reason.BAD_RANGE)
@@ -157,18 +145,23 @@ def _from_array(array: np.ndarray, sample_rate: int | None, max_seconds: float) 
             "the sample rate is not given: raw sample arrays need sample_rate=... (Hz)",
             Reason.MISSING_SAMPLE_RATE,
         )
-    rate = _check_rate(sample_rate)
+    rate = check_rate(sample_rate)
     if planar.shape[0] == 0:
         raise _fail("audio has no channels", Reason.EMPTY)
-    _check_duration(planar.shape[1], rate, max_seconds)
-    return np.ascontiguousarray(_array_to_unit(planar).T), rate
+    check_duration(planar.shape[1], rate, max_seconds)
+    return downmixed(np.ascontiguousarray(_array_to_unit(planar).T)), rate
 
 
 def _to_model_rate(unit: np.ndarray, rate: int) -> np.ndarray:
-    """Resample ``[N, C]`` to 44.1 kHz and return the model's ``[C, N]`` int16-range float32."""
+    """Resample ``[N, C]`` to 44.1 kHz and return the model's ``[C, N]`` int16-range float32. Scaled
+    in place; a mono ``[N, 1]`` transposes without a copy, so a long recording is held once more
+    at most (by the resampler's output)."""
     if rate != SAMPLE_RATE:
         unit = soxr.resample(unit, rate, SAMPLE_RATE, quality="VHQ")
-    return np.ascontiguousarray(unit.T * np.float32(INT16_SCALE), dtype=np.float32)
+    elif not unit.flags.writeable:
+        unit = unit.copy()
+    unit *= np.float32(INT16_SCALE)
+    return np.ascontiguousarray(unit.T, dtype=np.float32)
 
 
 def load_audio(

@@ -33,12 +33,14 @@ class Reason(StrEnum):
     MISSING_SAMPLE_RATE = "missing_sample_rate"
     SAMPLE_RATE_MISMATCH = "sample_rate_mismatch"
     TOO_MANY_CHANNELS = "too_many_channels"
+    BAD_WINDOW = "bad_window"  # window_s / hop_s / pool that cannot cut a clip
     # limits: the item is fine but too large for this service
     TEXT_TOO_LONG = "text_too_long"  # more tokens than the context length, without truncation
     TEXT_TOO_MANY_CHARS = "text_too_many_chars"  # over Limits.max_text_chars
     TOO_MANY_PIXELS = "too_many_pixels"  # over Limits.max_pixels
     AUDIO_TOO_LONG = "audio_too_long"  # over Limits.max_audio_seconds
     TOO_MANY_ITEMS = "too_many_items"  # a request over Limits.max_items
+    TOO_MANY_WINDOWS = "too_many_windows"  # a windowed request over Limits.max_windows
     # the request asks for something this deployment does not have
     TOWER_NOT_SERVED = "tower_not_served"
 

@@ -10,6 +10,9 @@ device; it is not what the model was trained with (see its docstring for the mea
 Decoding untrusted bytes is guarded: the pixel count is checked from the header before any pixel
 is decoded, and every Pillow failure becomes an :class:`InvalidInputError` with a ``reason`` tag.
 Pillow's own hard limit (2 x ``Image.MAX_IMAGE_PIXELS``) still applies on top of ``max_pixels``.
+
+HEIC/HEIF photos (the iPhone's default) open through pillow-heif's Pillow plugin, registered here,
+so they take the same path as every other format.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import struct
 from collections.abc import Sequence
 
 import numpy as np
+import pillow_heif
 import torch
 import torchvision.transforms.functional as tvf
 import torchvision.transforms.v2.functional as tvf2
@@ -26,6 +30,8 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
 from audioclip.errors import InvalidInputError, Reason, describe
+
+pillow_heif.register_heif_opener()
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

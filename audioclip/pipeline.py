@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import numpy as np
@@ -24,6 +24,7 @@ from .batching import equal_groups, length_groups, pad_token_ids, split_overhead
 from .errors import InvalidInputError, Reason
 from .image_input import DEFAULT_MAX_PIXELS, IMAGE_SIZE, crop_to_uint8, normalize_pixels
 from .tokenizer import CONTEXT_LENGTH, EOT_TOKEN, tokenize_to_ids
+from .windows import WindowSpec, fit_length
 
 if TYPE_CHECKING:
     from .model import AudioCLIP
@@ -37,6 +38,17 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_audio_seconds: float = DEFAULT_MAX_SECONDS
     max_text_chars: int = 20_000
+    max_windows: int = 4096  # windows per request
+    max_windowed_audio_seconds: float = 7200.0  # a clip's length when it is cut into windows
+
+    def for_windows(self, windows: WindowSpec | None) -> Limits:
+        """The limits of a windowed request: a clip may be as long as the windowed limit allows and
+        as makes at most ``max_windows`` windows (so the header's duration refuses it before
+        decoding)."""
+        if windows is None:
+            return self
+        seconds = min(self.max_windowed_audio_seconds, windows.max_seconds(self.max_windows))
+        return replace(self, max_audio_seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class Options:
     """Per-request decoding choices."""
 
     truncate: bool = False  # cut texts over the context length instead of refusing them
+    windows: WindowSpec | None = None  # cut clips into windows (audio), instead of one clip each
 
 
 DEFAULT_LIMITS = Limits()
@@ -273,18 +286,6 @@ class ImagePipeline(Pipeline[ImageItem]):
         return ImageItem(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
 
 
-def fit_length(clip: np.ndarray, length: int) -> np.ndarray:
-    """Centre zero-pad or centre crop ``[C, N]`` to ``length`` samples (the reference's test-time rule)."""
-    n = clip.shape[1]
-    if n == length:
-        return clip
-    if n > length:
-        start = (n - length) // 2
-        return clip[:, start : start + length]
-    left = (length - n) // 2
-    return np.pad(clip, ((0, 0), (left, length - n - left)))
-
-
 class AudioPipeline(Pipeline[AudioItem]):
     modality, item_type = "audio", AudioItem
 
@@ -299,7 +300,7 @@ class AudioPipeline(Pipeline[AudioItem]):
             clip = load_audio(item[0], sample_rate=item[1], max_seconds=limits.max_audio_seconds)
         else:
             clip = load_audio(item, max_seconds=limits.max_audio_seconds)
-        if self.fixed_clip_seconds:
+        if self.fixed_clip_seconds and options.windows is None:  # windows are fixed-length already
             clip = fit_length(clip, round(self.fixed_clip_seconds * SAMPLE_RATE))
         return AudioItem(clip)
 

@@ -18,9 +18,20 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from audioclip.audio_input import SAMPLE_RATE
 from audioclip.errors import InvalidInputError, Reason
 from audioclip.model import l2_normalized
-from audioclip.pipeline import DEFAULT_OPTIONS, Limits, Options, Pipeline, Prepared, as_item_list, count_check
+from audioclip.pipeline import (
+    DEFAULT_OPTIONS,
+    AudioItem,
+    Limits,
+    Options,
+    Pipeline,
+    Prepared,
+    as_item_list,
+    count_check,
+)
+from audioclip.windows import WindowSpec, cut, pooled
 
 from . import ranking
 
@@ -65,14 +76,27 @@ class Timings:
         self.inference_ms = max(self.inference_ms, other.inference_ms)
 
 
+@dataclass(frozen=True)
+class WindowRow:
+    """What one answered row of a windowed request covers: its item, the span in seconds, and how
+    many windows it pools (1 with ``pool="none"``)."""
+
+    item: int
+    start_s: float
+    end_s: float
+    windows: int = 1
+
+
 @dataclass
 class Embedded:
-    """Rows in input order, the tokens they cost (text), timings and the checkpoints that made them."""
+    """Rows in input order, the tokens they cost (text), timings and the checkpoints that made them;
+    for windowed audio, what each row covers."""
 
     embeddings: np.ndarray
     usage_tokens: int = 0
     timings: Timings = field(default_factory=Timings)
     checkpoints: set[str] = field(default_factory=set)
+    windows: list[WindowRow] | None = None
 
     @property
     def checkpoint(self) -> str:
@@ -82,9 +106,13 @@ class Embedded:
 
 @dataclass
 class Ranked:
+    """Candidates ranked against the query (a windowed audio query: against its mean window), and
+    for a windowed query the ranking of each window: which label, where."""
+
     results: list[dict]
     timings: Timings
     checkpoint: str
+    timeline: list[dict] | None = None
 
 
 def unwrap(err: InvalidInputError) -> InvalidInputError:
@@ -121,6 +149,7 @@ class EmbeddingCore:
         chunk_sizes: Mapping[str, int],
         pool: Executor,
         on_decoded: Callable[[str, float], None] | None = None,
+        chunks_in_flight: int = 8,
     ) -> None:
         self.towers = towers
         self.served = tuple(served)
@@ -129,6 +158,7 @@ class EmbeddingCore:
         self.chunk_sizes = chunk_sizes
         self.pool = pool
         self.on_decoded = on_decoded  # (modality, milliseconds): the router's metric
+        self.chunks_in_flight = chunks_in_flight  # a request's tower batches sent at once
 
     # ------------------------------------------------------------------ decoding
     async def decode(
@@ -174,14 +204,49 @@ class EmbeddingCore:
         options: Options = DEFAULT_OPTIONS,
     ) -> Embedded:
         """Client items (raw or already prepared) -> ``[N, 1024]`` float32 rows in input order, all
-        made by one checkpoint. Raises ``InvalidInputError`` naming the first bad item's position."""
-        prepared, preprocess_ms = await self.decode(modality, items, options)
+        made by one checkpoint. Raises ``InvalidInputError`` naming the first bad item's position.
+        With ``options.windows`` (audio), each clip is cut into windows that are embedded like clips
+        and pooled: one row per clip, or per window with ``pool="none"``; ``windows`` says which."""
+        windows = options.windows
+        if windows is not None and modality != "audio":
+            raise InvalidInputError("windows apply to audio only", reason=Reason.BAD_WINDOW)
+        limits = self.limits.for_windows(windows)
+        prepared, preprocess_ms = await self.decode(modality, items, options, limits)
+        rows: list[WindowRow] | None = None
+        if windows is not None:
+            prepared, rows, counts = self.cut_windows(prepared, windows)
         result = await self._one_checkpoint(lambda: self.embed_prepared(modality, prepared))
         result.timings.preprocess_ms = preprocess_ms
         result.usage_tokens = self.pipelines[modality].usage_tokens(prepared)
+        if windows is not None:
+            result.embeddings, result.windows = pooled(result.embeddings, counts, windows.pool), rows
         if normalize:
             result.embeddings = l2_normalized(result.embeddings)
         return result
+
+    def cut_windows(
+        self, clips: Sequence[Prepared], windows: WindowSpec
+    ) -> tuple[list[Prepared], list[WindowRow], list[int]]:
+        """Decoded clips -> their windows as clips, what each answered row covers, and the windows
+        of each clip; at most ``max_windows`` in the request."""
+        parts: list[Prepared] = []
+        rows: list[WindowRow] = []
+        counts: list[int] = []
+        total = sum(windows.count(clip.samples.shape[1], SAMPLE_RATE) for clip in clips)
+        if total > self.limits.max_windows:
+            raise InvalidInputError(
+                f"the clips make {total} windows, over the limit of {self.limits.max_windows} per request",
+                reason=Reason.TOO_MANY_WINDOWS,
+            )
+        for item, clip in enumerate(clips):
+            samples, times = cut(clip.samples, windows, SAMPLE_RATE)
+            parts += [AudioItem(part) for part in samples]
+            counts.append(len(times))
+            if windows.pool == "none":
+                rows += [WindowRow(item, t.start_s, t.end_s) for t in times]
+            else:
+                rows.append(WindowRow(item, 0.0, clip.samples.shape[1] / SAMPLE_RATE, len(times)))
+        return parts, rows, counts
 
     async def embed_prepared(self, modality: str, prepared: Sequence[Prepared]) -> Embedded:
         """Prepared items in chunks of the tower's batch size, concurrently; rows concatenated."""
@@ -190,9 +255,13 @@ class EmbeddingCore:
             return Embedded(np.zeros((0, EMBED_DIM), dtype=np.float32))
         chunk = self.chunk_sizes[modality]
         starts = range(0, len(prepared), chunk)
-        answers = await asyncio.gather(
-            *(self.towers.embed_prepared(modality, list(prepared[s : s + chunk])) for s in starts)
-        )
+        in_flight = asyncio.Semaphore(self.chunks_in_flight)
+
+        async def send(start: int) -> TowerAnswer:
+            async with in_flight:  # a long recording's windows are not all serialised at once
+                return await self.towers.embed_prepared(modality, list(prepared[start : start + chunk]))
+
+        answers = await asyncio.gather(*(send(s) for s in starts))
         result = Embedded(np.zeros((0, EMBED_DIM), dtype=np.float32))
         for start, answer in zip(starts, answers, strict=True):
             if answer.error is not None:
@@ -224,24 +293,52 @@ class EmbeddingCore:
         candidates: Sequence[Mapping[str, Any]],
         scales: Callable[[str], Awaitable[Mapping[str, float]]],
         top_k: int | None = None,
+        windows: WindowSpec | None = None,
     ) -> Ranked:
         """Candidates sorted by probability (softmax of the checkpoint's logit scale for each
         modality pair times the cosine), each with its ``index``, ``modality``, ``cosine`` and
         ``probability``. Items are ``{"text": str}``, ``{"image": bytes}`` or ``{"audio": bytes}``.
         ``scales(sha256)``: the logit scales of that checkpoint (raises ``MixedCheckpoints`` if the
-        weights now served are another's). Every vector and scale comes from one checkpoint."""
+        weights now served are another's). Every vector and scale comes from one checkpoint.
+        With ``windows`` an audio query is cut into windows and each is ranked too (``timeline``):
+        zero-shot sound-event detection, which label where."""
         count_check(candidates, self.limits)
         if not candidates:
             raise InvalidInputError("rank needs at least one candidate", reason=Reason.EMPTY)
-        items = [query, *candidates]
-        where: list[int | None] = [None, *range(len(candidates))]  # the query has no index
-        kinds = [modality_of(item, where[i]) for i, item in enumerate(items)]
+        query_kind = modality_of(query, None)
+        kinds = [modality_of(item, i) for i, item in enumerate(candidates)]
         started = time.perf_counter()
-        groups = await self._decode_groups(items, kinds, where)  # once, whatever the retries
+        if windows is None:
+            items, where = [query, *candidates], [None, *range(len(candidates))]
+            # decoded once, whatever the retries
+            groups = await self._decode_groups(items, [query_kind, *kinds], where)
+            spans = None
+        else:
+            if query_kind != "audio":
+                raise InvalidInputError("windows apply to an audio query only", reason=Reason.BAD_WINDOW)
+            parts, spans = await self._query_windows(query["audio"], windows)
+            groups = await self._decode_groups(list(candidates), kinds, list(range(len(candidates))))
+            groups = {k: ([p + len(parts) for p in ps], prep) for k, (ps, prep) in groups.items()}
+            positions, prepared = groups.get("audio", ([], []))
+            groups["audio"] = ([*range(len(parts)), *positions], [*parts, *prepared])
         preprocess_ms = (time.perf_counter() - started) * 1000
-        ranked = await self._one_checkpoint(lambda: self._rank_prepared(groups, kinds, scales, top_k))
+        query_rows = 1 if spans is None else len(spans)
+        ranked = await self._one_checkpoint(
+            lambda: self._rank_prepared(groups, query_rows, query_kind, kinds, scales, top_k, spans)
+        )
         ranked.timings.preprocess_ms = preprocess_ms
         return ranked
+
+    async def _query_windows(self, clip: Any, windows: WindowSpec) -> tuple[list[Prepared], list[WindowRow]]:
+        """A rank query's clip decoded (under the windowed limits) and cut into windows, each ranked."""
+        try:
+            [decoded], _ = await self.decode(
+                "audio", [clip], Options(windows=windows), self.limits.for_windows(windows)
+            )
+        except InvalidInputError as err:
+            raise err.at_index(None) from None  # the query has no index
+        parts, spans, _ = self.cut_windows([decoded], dataclasses.replace(windows, pool="none"))
+        return parts, spans
 
     async def _decode_groups(
         self, items: list[Mapping[str, Any]], kinds: list[str], where: list[int | None]
@@ -269,16 +366,20 @@ class EmbeddingCore:
     async def _rank_prepared(
         self,
         groups: dict[str, tuple[list[int], list[Prepared]]],
+        query_rows: int,
+        query_kind: str,
         kinds: list[str],
         scales: Callable[[str], Awaitable[Mapping[str, float]]],
         top_k: int | None,
+        spans: list[WindowRow] | None,
     ) -> Ranked:
-        """One try at ranking decoded items; ``MixedCheckpoints`` where the vectors or the scales of
-        two checkpoints would meet."""
+        """One try at ranking decoded items (rows ``[0, query_rows)`` are the query's, the rest the
+        candidates'); ``MixedCheckpoints`` where the vectors or the scales of two checkpoints would
+        meet."""
         parts = await asyncio.gather(
             *(self.embed_prepared(k, prepared) for k, (_, prepared) in groups.items())
         )
-        vectors = np.zeros((len(kinds), EMBED_DIM), dtype=np.float32)
+        vectors = np.zeros((query_rows + len(kinds), EMBED_DIM), dtype=np.float32)
         timings, checkpoints = Timings(), set()
         for (positions, _), done in zip(groups.values(), parts, strict=True):
             vectors[positions] = done.embeddings
@@ -286,9 +387,22 @@ class EmbeddingCore:
             checkpoints.update(done.checkpoints)
         if len(checkpoints) != 1:
             raise MixedCheckpoints(f"rank vectors came from checkpoints {sorted(checkpoints)}")
-        pair_scales = await scales(next(iter(checkpoints)))
-        results = ranking.rank(vectors[0], kinds[0], vectors[1:], kinds[1:], pair_scales, top_k)
-        return Ranked(results, timings, next(iter(checkpoints)))
+        [checkpoint] = checkpoints
+        pair_scales = await scales(checkpoint)
+        queries, candidates = vectors[:query_rows], vectors[query_rows:]
+        query = queries[0] if spans is None else pooled(queries, [query_rows], "mean")[0]
+        results = ranking.rank(query, query_kind, candidates, kinds, pair_scales, top_k)
+        timeline = None
+        if spans is not None:
+            timeline = [
+                {
+                    "start_s": span.start_s,
+                    "end_s": span.end_s,
+                    "results": ranking.rank(row, query_kind, candidates, kinds, pair_scales, top_k),
+                }
+                for row, span in zip(queries, spans, strict=True)
+            ]
+        return Ranked(results, timings, checkpoint, timeline)
 
     def _check_served(self, modality: str) -> None:
         if modality not in self.served:

@@ -38,11 +38,13 @@ ITEM_ERRORS: dict[Reason, Status] = {
     Reason.MISSING_SAMPLE_RATE: Status(_UNPROCESSABLE, "missing_sample_rate"),
     Reason.SAMPLE_RATE_MISMATCH: Status(_UNPROCESSABLE, "sample_rate_mismatch"),
     Reason.TOO_MANY_CHANNELS: Status(_UNPROCESSABLE, "too_many_channels"),
+    Reason.BAD_WINDOW: Status(400, "bad_window"),
     Reason.TEXT_TOO_LONG: Status(_UNPROCESSABLE, "text_too_long"),  # fixable by the caller: truncate
     Reason.TEXT_TOO_MANY_CHARS: _TOO_LARGE,
     Reason.TOO_MANY_PIXELS: _TOO_LARGE,
     Reason.AUDIO_TOO_LONG: _TOO_LARGE,
     Reason.TOO_MANY_ITEMS: _TOO_LARGE,
+    Reason.TOO_MANY_WINDOWS: _TOO_LARGE,
     Reason.TOWER_NOT_SERVED: Status(400, "tower_not_served"),
 }
 

@@ -9,6 +9,8 @@ also describe every body, content type and error status in ``/openapi.json``.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import io
 import logging
 import time
@@ -30,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from audioclip.errors import InvalidInputError
 from audioclip.pipeline import ImagePipeline, Options, count_check
 from audioclip.quantize import EmbeddingDtype, quantize
+from audioclip.windows import MIN_WINDOW_S, Pool, WindowSpec
 
 from . import http_input as hi
 from . import openai_compat
@@ -45,6 +48,10 @@ from .errors import (
 from .gate import Gate
 from .readiness import TowerWatch
 from .schemas import (
+    HOP_S_FIELD,
+    POOL_FIELD,
+    WINDOW_FIELDS,
+    WINDOW_S_FIELD,
     AudioJSONRequest,
     EmbedResponse,
     ErrorResponse,
@@ -57,7 +64,9 @@ from .schemas import (
     RankResponse,
     ReadyResponse,
     TextRequest,
+    Windowed,
     parse_body,
+    window_spec,
 )
 from .settings import AppArgs
 
@@ -195,10 +204,12 @@ def answer_headers(request: Request, timings: Timings, checkpoint: str) -> dict[
 
 @dataclass(frozen=True)
 class AnswerForm:
-    """How a request wants its vectors: L2-normalised or not, and in which ``embedding_dtype``."""
+    """How a request wants its vectors: L2-normalised or not, in which ``embedding_dtype``, and for
+    audio whether clips are cut into windows."""
 
     normalize: bool = False
     embedding_dtype: str = "float32"
+    windows: WindowSpec | None = None
 
     def overridden_by(self, body: MediaJSONRequest) -> AnswerForm:
         """The JSON body's own choices where it makes them; the query's otherwise."""
@@ -207,16 +218,30 @@ class AnswerForm:
             for name in ("normalize", "embedding_dtype")
             if name in body.model_fields_set
         }
+        if isinstance(body, Windowed) and body.model_fields_set & WINDOW_FIELDS:
+            given["windows"] = body.windows()
         return replace(self, **given)
+
+
+def window_spans(result: Embedded) -> list[dict] | None:
+    """What each row of a windowed answer covers, as JSON (None: not windowed)."""
+    return None if result.windows is None else [dataclasses.asdict(row) for row in result.windows]
 
 
 def embed_response(
     request: Request, service: Service, modality: str, result: Embedded, form: AnswerForm
 ) -> Response:
     """JSON, or an npy ``[N, 1024]`` (``[N, 128]`` packed bits) of the ``embedding_dtype`` with
-    ``Accept: application/x-npy``."""
+    ``Accept: application/x-npy`` (windowed: ``x-window-counts``, the windows of each item, whose
+    times follow from window_s and hop_s)."""
     embeddings = quantize(result.embeddings, form.embedding_dtype)
     headers = answer_headers(request, result.timings, result.checkpoint)
+    spans = window_spans(result)
+    if spans is not None:
+        per_item: collections.Counter[int] = collections.Counter()
+        for span in spans:
+            per_item[span["item"]] += span["windows"]
+        headers["x-window-counts"] = ",".join(str(per_item[i]) for i in range(len(per_item)))
     if hi.NPY in request.headers.get("accept", ""):
         buf = io.BytesIO()
         np.save(buf, embeddings, allow_pickle=False)
@@ -229,6 +254,8 @@ def embed_response(
         "embedding_dtype": form.embedding_dtype,
         "embeddings": embeddings,
     }
+    if spans is not None:
+        body["windows"] = spans
     return FastJSONResponse(body, headers=headers)
 
 
@@ -254,12 +281,12 @@ def _json_body(model: type) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}}}
 
 
-def _media_body(json_model: type, raw: str, npy: str) -> dict:
+def _media_body(json_model: type, modality: str, npy: str) -> dict:
     files = {"type": "object", "properties": {"file": {"type": "array", "items": _BINARY}}}
     content = {
         "application/json": {"schema": _ref(json_model)},
         "multipart/form-data": {"schema": files},
-        raw: {"schema": _BINARY},
+        **{raw: {"schema": _BINARY} for raw in (*hi.RAW_TYPES[modality], hi.OCTETS)},
         hi.NPY: {"schema": _BINARY, "description": npy},
     }
     return {"requestBody": {"required": True, "content": content}}
@@ -336,11 +363,12 @@ async def _embed_media(
     answer: AnswerForm,
 ) -> Response:
     """An image or audio request, whatever its content type: multipart files, JSON base64 / data URIs
-    (whose ``normalize`` and ``embedding_dtype``, where given, override the query's), a raw
-    ``<modality>/*`` body, or an npy array (read by ``from_npy``), embedded and answered."""
+    (whose ``normalize`` and ``embedding_dtype``, where given, override the query's), an npy array
+    (read by ``from_npy``), or one raw file: ``image/*``, ``audio/*`` or ``video/*`` (its audio track),
+    ``application/octet-stream`` or no content type, recognised by its bytes, embedded and answered."""
     kind = hi.media_type(request)
     limits = service.args.limits
-    raw_prefix = f"{modality}/"
+    raw_types = hi.RAW_TYPES[modality]
     if kind == "multipart/form-data":
         items = await hi.multipart_files(request, limits)
     else:
@@ -349,14 +377,15 @@ async def _embed_media(
             parsed = parse_body(json_model, body)
             items = hi.decode_all_base64(getattr(parsed, json_model.items_field), limits.items)
             answer = answer.overridden_by(parsed)
-        elif kind.startswith(raw_prefix):
-            items = [body]
         elif kind == hi.NPY:
             items = from_npy(hi.load_npy(body))
+        elif hi.is_raw(kind, raw_types):
+            items = [body]
         else:
-            accepted = ("application/json", "multipart/form-data", f"{raw_prefix}*", hi.NPY)
+            accepted = ("application/json", "multipart/form-data", *raw_types, hi.OCTETS, hi.NPY)
             raise hi.unsupported(modality, kind, accepted)
-    result = await service.core.embed(modality, items, normalize=answer.normalize)
+    options = Options(windows=answer.windows)
+    result = await service.core.embed(modality, items, normalize=answer.normalize, options=options)
     return embed_response(request, service, modality, result, answer)
 
 
@@ -387,7 +416,7 @@ def _npy_images(array: np.ndarray, preprocess: bool) -> list:
     "/v1/embed/image",
     openapi_extra=_media_body(
         ImageJSONRequest,
-        "image/*",
+        "image",
         "uint8 [H,W,3] or [N,H,W,3]; with preprocess=false float32 [N,3,224,224] CLIP-normalised",
     ),
     responses=_embed_responses(),
@@ -411,7 +440,7 @@ async def embed_image(
 @api.post(
     "/v1/embed/audio",
     openapi_extra=_media_body(
-        AudioJSONRequest, "audio/*", "float32 [N] or [C,N] in [-1, 1], with ?sample_rate="
+        AudioJSONRequest, "audio", "float32 [N] or [C,N] in [-1, 1], with ?sample_rate="
     ),
     responses=_embed_responses(),
     response_class=FastJSONResponse,
@@ -422,15 +451,22 @@ async def embed_audio(
     normalize: NormalizeQuery = False,
     embedding_dtype: DtypeQuery = "float32",
     sample_rate: Annotated[int | None, Query(gt=0, description="Hz, for an npy body")] = None,
+    window_s: Annotated[float | None, Query(ge=MIN_WINDOW_S, description=WINDOW_S_FIELD.description)] = None,
+    hop_s: Annotated[float | None, Query(ge=MIN_WINDOW_S, description=HOP_S_FIELD.description)] = None,
+    pool: Annotated[Pool | None, Query(description=POOL_FIELD.description)] = None,
 ) -> Response:
-    """Audio (WAV, FLAC, OGG/Vorbis, Opus, MP3 ... at any rate, resampled to 44.1 kHz) -> embeddings."""
+    """Audio (WAV, FLAC, MP3, OGG/Vorbis, Opus, M4A/AAC, WebM, the audio track of MP4/MOV/WebM video
+    ... at any rate, resampled to 44.1 kHz) -> embeddings; with ``window_s`` each clip is cut into
+    windows, pooled (``mean``, ``max``) or one vector each (``none``)."""
 
     def from_npy(array: np.ndarray) -> list:
         if sample_rate is None:
             raise BadRequest("an npy audio body needs ?sample_rate=<positive integer Hz>")
         return [(array, sample_rate)]
 
-    form = AnswerForm(normalize, embedding_dtype)
+    given = {"pool"} if pool is not None else set()
+    windows = window_spec(window_s, hop_s, pool or "mean", given)
+    form = AnswerForm(normalize, embedding_dtype, windows)
     return await _embed_media(request, service, "audio", AudioJSONRequest, from_npy, form)
 
 
@@ -448,9 +484,10 @@ async def openai_embeddings(request: Request, service: Guarded) -> Response:
     inputs: list[Any] = openai_compat.check_request(body, service.args.model_name, EMBED_DIM)
     if body.modality != "text":
         inputs = hi.decode_all_base64(inputs, service.args.limits.items)
-    result = await service.core.embed(body.modality, inputs, normalize=True)
+    options = Options(windows=body.windows())
+    result = await service.core.embed(body.modality, inputs, normalize=True, options=options)
     embeddings = quantize(result.embeddings, body.embedding_dtype)
-    answer = openai_compat.embeddings_response(body, embeddings, result.usage_tokens)
+    answer = openai_compat.embeddings_response(body, embeddings, result.usage_tokens, window_spans(result))
     return FastJSONResponse(answer, headers=answer_headers(request, result.timings, result.checkpoint))
 
 
@@ -461,7 +498,8 @@ async def openai_embeddings(request: Request, service: Guarded) -> Response:
 )
 async def rank(request: Request, service: Guarded) -> Response:
     """Rank candidates of any modality against a query, with the checkpoint's logit scale for each
-    modality pair: zero-shot classification of a sound against labels, or the image matching it."""
+    modality pair: zero-shot classification of a sound against labels, or the image matching it.
+    With ``window_s`` an audio query's windows are ranked too: a timeline of which label where."""
     body = parse_body(RankRequest, await hi.read_json_body(request, "rank", service.args.limits))
 
     def item(parsed: Any, index: int | None) -> dict:
@@ -471,10 +509,12 @@ async def rank(request: Request, service: Guarded) -> Response:
     count_check(body.candidates, service.args.limits.items)
     query = item(body.query, None)
     candidates = [item(c, i) for i, c in enumerate(body.candidates)]
-    ranked = await service.core.rank(query, candidates, service.scales, body.top_k)
+    ranked = await service.core.rank(query, candidates, service.scales, body.top_k, body.windows())
     answer = {
         "model": service.args.model_name,
         "checkpoint_sha256": ranked.checkpoint,
         "results": ranked.results,
     }
+    if ranked.timeline is not None:
+        answer["timeline"] = ranked.timeline
     return JSONResponse(answer, headers=answer_headers(request, ranked.timings, ranked.checkpoint))

@@ -22,6 +22,15 @@ from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from .settings import LimitSettings
 
 NPY = "application/x-npy"
+OCTETS = "application/octet-stream"
+# Content types of a raw body holding one file; the decoders recognise the format by its bytes, so a
+# generic type (or none, as many HTTP clients send for a file) is as good as an exact one.
+RAW_TYPES = {"image": ("image/*",), "audio": ("audio/*", "video/*")}
+
+
+def is_raw(kind: str, raw_types: tuple[str, ...]) -> bool:
+    """One encoded file in the body: a type of ``raw_types`` (``x/*``), octet-stream, or none."""
+    return kind in (OCTETS, "") or any(kind.startswith(t.removesuffix("*")) for t in raw_types)
 
 
 def media_type(request: Request) -> str:

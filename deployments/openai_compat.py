@@ -29,13 +29,22 @@ def check_request(request: OpenAIEmbeddingsRequest, served_model: str, dim: int)
     return [request.input] if isinstance(request.input, str) else request.input
 
 
-def embeddings_response(request: OpenAIEmbeddingsRequest, embeddings: np.ndarray, prompt_tokens: int) -> dict:
+def embeddings_response(
+    request: OpenAIEmbeddingsRequest,
+    embeddings: np.ndarray,
+    prompt_tokens: int,
+    windows: list[dict] | None = None,
+) -> dict:
     """OpenAI's list shape, for rows already in the request's ``embedding_dtype``; base64 is each
-    row's raw little-endian bytes (float32 by default, as OpenAI sends it)."""
+    row's raw little-endian bytes (float32 by default, as OpenAI sends it). Windowed audio rows also
+    say what they cover (``window``: the input's index, its span, the windows pooled)."""
     data = []
     for index, row in enumerate(embeddings):
         value = base64.b64encode(row.tobytes()).decode() if request.encoding_format == "base64" else row
-        data.append({"object": "embedding", "index": index, "embedding": value})
+        entry = {"object": "embedding", "index": index, "embedding": value}
+        if windows is not None:
+            entry["window"] = windows[index]
+        data.append(entry)
     return {
         "object": "list",
         "data": data,

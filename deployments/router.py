@@ -20,9 +20,10 @@ from ray.serve.handle import DeploymentHandle
 
 from audioclip.errors import InvalidInputError
 from audioclip.pipeline import Options, Prepared
+from audioclip.windows import Pool, WindowSpec
 
 from . import http_api
-from .core import EMBED_DIM, EmbeddingCore, MixedCheckpoints, TowerAnswer
+from .core import EMBED_DIM, EmbeddingCore, MixedCheckpoints, TowerAnswer, WindowRow
 from .errors import ITEM_ERRORS
 from .gate import Gate
 from .logs import quiet_client_errors
@@ -59,6 +60,7 @@ class Embeddings:
     vectors: np.ndarray  # float32 [N, 1024]
     checkpoint_sha256: str  # the weights that made every row
     usage_tokens: int = 0  # text: the tokens embedded
+    windows: list[WindowRow] | None = None  # windowed audio: each row's item and span
 
 
 class RouterMetrics:
@@ -99,6 +101,7 @@ class Router:
             chunk_sizes={name: args.tower(name).max_batch_size for name in towers},
             pool=self.pool,
             on_decoded=self.metrics.decoded,
+            chunks_in_flight=args.router.chunks_in_flight,
         )
         self.gate = Gate(args.router)
         deployments = {name: handle.deployment_name for name, handle in towers.items()}
@@ -131,10 +134,20 @@ class Router:
         with self._counted():
             return (await self.core.embed("image", images, normalize=normalize)).embeddings
 
-    async def embed_audio(self, clips: Sequence[Any], normalize: bool = False) -> np.ndarray:
-        """Clips as encoded bytes or ``(array, sample_rate)`` pairs -> ``[N, 1024]`` float32."""
+    async def embed_audio(
+        self,
+        clips: Sequence[Any],
+        normalize: bool = False,
+        window_s: float | None = None,
+        hop_s: float | None = None,
+        pool: Pool = "mean",
+    ) -> np.ndarray:
+        """Clips as encoded bytes or ``(array, sample_rate)`` pairs -> ``[N, 1024]`` float32; with
+        ``window_s`` each clip is cut into windows and pooled (``pool="none"``: a row per window;
+        ``embed`` also says which window each row is)."""
         with self._counted():
-            return (await self.core.embed("audio", clips, normalize=normalize)).embeddings
+            options = Options(windows=WindowSpec(window_s, hop_s, pool) if window_s else None)
+            return (await self.core.embed("audio", clips, normalize=normalize, options=options)).embeddings
 
     async def rank(self, query: dict, candidates: Sequence[dict], top_k: int | None = None) -> list[dict]:
         """``query`` and ``candidates`` are ``{"text": str}``, ``{"image": bytes}`` or ``{"audio": bytes}``.
@@ -143,13 +156,34 @@ class Router:
         with self._counted():
             return (await self.core.rank(query, candidates, self.scales, top_k)).results
 
-    async def embed(
-        self, modality: str, items: Sequence[Any], normalize: bool = False, truncate: bool = False
-    ) -> Embeddings:
-        """Items of any modality -> ``Embeddings``: rows and the sha256 of the checkpoint that made them."""
+    async def timeline(
+        self,
+        query: dict,
+        candidates: Sequence[dict],
+        window_s: float,
+        hop_s: float | None = None,
+        top_k: int | None = None,
+    ) -> list[dict]:
+        """An audio query's windows, each with ``start_s``, ``end_s`` and the candidates ranked against
+        it (as ``rank``): zero-shot sound-event detection."""
         with self._counted():
-            result = await self.core.embed(modality, items, normalize=normalize, options=Options(truncate))
-        return Embeddings(result.embeddings, result.checkpoint, result.usage_tokens)
+            windows = WindowSpec(window_s, hop_s)
+            return (await self.core.rank(query, candidates, self.scales, top_k, windows)).timeline or []
+
+    async def embed(
+        self,
+        modality: str,
+        items: Sequence[Any],
+        normalize: bool = False,
+        truncate: bool = False,
+        windows: WindowSpec | None = None,
+    ) -> Embeddings:
+        """Items of any modality -> ``Embeddings``: rows and the sha256 of the checkpoint that made
+        them (windowed audio: and what each row covers)."""
+        with self._counted():
+            options = Options(truncate, windows)
+            result = await self.core.embed(modality, items, normalize=normalize, options=options)
+        return Embeddings(result.embeddings, result.checkpoint, result.usage_tokens, result.windows)
 
     def stats(self) -> dict:
         """Requests in progress in this router replica (0 when idle: nothing leaked)."""

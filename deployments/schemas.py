@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictBool, Vali
 
 from audioclip.errors import InvalidInputError, Reason
 from audioclip.quantize import EmbeddingDtype
+from audioclip.windows import MIN_WINDOW_S, Pool, WindowSpec
 
 from .errors import BadRequest
 
@@ -47,7 +48,39 @@ class ImageJSONRequest(MediaJSONRequest):
     images: list[str] = Field(description="base64 or data-URI encoded image files (no URL is fetched)")
 
 
-class AudioJSONRequest(MediaJSONRequest):
+WINDOW_S_FIELD = Field(
+    None, ge=MIN_WINDOW_S, description="cut each clip into windows this long (AudioCLIP was trained on 5 s)"
+)
+HOP_S_FIELD = Field(None, ge=MIN_WINDOW_S, description="seconds between window starts; default window_s")
+WINDOW_FIELDS = frozenset({"window_s", "hop_s", "pool"})
+POOL_FIELD = Field("mean", description="mean or max of the normalised windows, or none: a vector per window")
+
+
+class Windowed(Body):
+    """Audio cut into windows: ``window_s`` (and ``hop_s``, ``pool``) turn it on."""
+
+    window_s: float | None = WINDOW_S_FIELD
+    hop_s: float | None = HOP_S_FIELD
+    pool: Pool = POOL_FIELD
+
+    def windows(self) -> WindowSpec | None:
+        return window_spec(self.window_s, self.hop_s, self.pool, given=self.model_fields_set)
+
+
+def window_spec(
+    window_s: float | None, hop_s: float | None, pool: Pool, given: set[str] | None = None
+) -> WindowSpec | None:
+    """The windows asked for, or None; ``hop_s`` or ``pool`` without ``window_s`` is a 400."""
+    if window_s is None:
+        if hop_s is not None or "pool" in (given or set()):
+            raise BadRequest("hop_s and pool apply to windows: give window_s too")
+        return None
+    return WindowSpec(window_s, hop_s, pool)
+
+
+class AudioJSONRequest(MediaJSONRequest, Windowed):
+    """Windows, ``normalize`` and ``embedding_dtype``, where given, override the query's."""
+
     items_field: ClassVar[str] = "audio"
     audio: list[str] = Field(description="base64 or data-URI encoded audio files (no URL is fetched)")
 
@@ -74,6 +107,13 @@ class RankRequest(Body):
     query: RankItem
     candidates: list[RankItem] = Field(min_length=1)
     top_k: PositiveInt | None = None
+    window_s: float | None = Field(
+        None, ge=MIN_WINDOW_S, description="an audio query: rank each window too (the answer's timeline)"
+    )
+    hop_s: float | None = HOP_S_FIELD
+
+    def windows(self) -> WindowSpec | None:
+        return window_spec(self.window_s, self.hop_s, "mean")
 
 
 class OpenAIEmbeddingsRequest(Body):
@@ -88,6 +128,12 @@ class OpenAIEmbeddingsRequest(Body):
     user: str | None = None
     modality: Literal["text", "image", "audio"] = "text"
     embedding_dtype: EmbeddingDtype = DTYPE_FIELD
+    window_s: float | None = WINDOW_S_FIELD
+    hop_s: float | None = HOP_S_FIELD
+    pool: Pool = POOL_FIELD
+
+    def windows(self) -> WindowSpec | None:
+        return window_spec(self.window_s, self.hop_s, self.pool, given=self.model_fields_set)
 
 
 class ErrorDetail(BaseModel):
@@ -100,6 +146,13 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class WindowSpan(BaseModel):
+    item: int = Field(description="the input item the row belongs to")
+    start_s: float
+    end_s: float
+    windows: int = Field(description="windows pooled into the row (1 with pool=none)")
+
+
 class EmbedResponse(BaseModel):
     model: str
     modality: Literal["text", "image", "audio"]
@@ -107,6 +160,7 @@ class EmbedResponse(BaseModel):
     normalized: bool
     embedding_dtype: EmbeddingDtype
     embeddings: list[list[float]] | list[list[int]]
+    windows: list[WindowSpan] | None = Field(None, description="windowed audio: what each row covers")
 
 
 class OpenAIEmbedding(BaseModel):
@@ -115,6 +169,7 @@ class OpenAIEmbedding(BaseModel):
     embedding: list[float] | list[int] | str = Field(
         description="numbers, or base64 of the little-endian bytes of the embedding_dtype"
     )
+    window: WindowSpan | None = Field(None, description="windowed audio: what the vector covers")
 
 
 class OpenAIUsage(BaseModel):
@@ -136,10 +191,17 @@ class RankResult(BaseModel):
     probability: float
 
 
+class TimelineEntry(BaseModel):
+    start_s: float
+    end_s: float
+    results: list[RankResult] = Field(description="the candidates ranked against this window")
+
+
 class RankResponse(BaseModel):
     model: str
     checkpoint_sha256: str
-    results: list[RankResult]
+    results: list[RankResult] = Field(description="a windowed query: ranked against its mean window")
+    timeline: list[TimelineEntry] | None = Field(None, description="a windowed query: each window ranked")
 
 
 class ReadyResponse(BaseModel):

@@ -127,10 +127,21 @@ class LimitSettings(_Strict):
     max_pixels: int = Field(DEFAULT_LIMITS.max_pixels, ge=1)
     max_audio_seconds: float = Field(DEFAULT_LIMITS.max_audio_seconds, gt=0.0)
     max_text_chars: int = Field(DEFAULT_LIMITS.max_text_chars, ge=1)
+    max_windows: int = Field(DEFAULT_LIMITS.max_windows, ge=1, description="audio windows per request")
+    max_windowed_audio_seconds: float = Field(
+        DEFAULT_LIMITS.max_windowed_audio_seconds, gt=0.0, description="a clip's length when windowed"
+    )
 
     @property
     def items(self) -> Limits:
-        return Limits(self.max_items, self.max_pixels, self.max_audio_seconds, self.max_text_chars)
+        return Limits(
+            self.max_items,
+            self.max_pixels,
+            self.max_audio_seconds,
+            self.max_text_chars,
+            self.max_windows,
+            self.max_windowed_audio_seconds,
+        )
 
 
 class RouterSettings(_Replicated):
@@ -144,6 +155,9 @@ class RouterSettings(_Replicated):
     num_cpus: float = Field(1.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources (placement)")
     decode_threads: int = Field(2, ge=1, description="threads decoding images and audio")
+    chunks_in_flight: int = Field(
+        8, ge=1, description="tower batches of one request sent at once (bounds a long clip's copies)"
+    )
     fast_decode: bool = Field(False, description="JPEG draft-mode decoding of large photos (not bit-exact)")
     max_ongoing_requests: int = Field(256, ge=1)
     max_inflight: int = Field(

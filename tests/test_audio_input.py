@@ -163,9 +163,15 @@ def _expect(reason: str, data: object, **kwargs: object) -> InvalidInputError:
     return info.value
 
 
-def test_too_many_channels() -> None:
-    _expect("too_many_channels", _encode(_tone(440.0, 44100, 0.1, channels=3), 44100, "WAV"))
-    _expect("too_many_channels", np.zeros((3, 1000), dtype=np.float32), sample_rate=44100)
+def test_more_than_two_channels_are_mixed_to_mono_by_their_mean() -> None:
+    surround = _tone(440.0, 44100, 0.1, channels=6) * np.linspace(0.2, 1.0, 6, dtype=np.float32)
+    mixed = ai.load_audio(_encode(surround, 44100, "WAV", "FLOAT"))
+    assert mixed.shape == (1, surround.shape[0])
+    np.testing.assert_allclose(mixed[0], surround.mean(axis=1) * 32768.0, rtol=1e-5, atol=1e-3)
+    from_array = ai.load_audio(np.ascontiguousarray(surround.T), sample_rate=44100)
+    np.testing.assert_allclose(from_array, mixed, rtol=1e-5, atol=1e-3)
+    assert ai.load_audio(_encode(_tone(440.0, 44100, 0.1, channels=2), 44100, "WAV")).shape[0] == 2
+    _expect("too_many_channels", np.zeros((65, 1000), dtype=np.float32), sample_rate=44100)
 
 
 def test_empty() -> None:
