@@ -96,6 +96,7 @@ def test_corrupt_silent_and_unknown_streams_are_clear_item_errors(scene, monkeyp
     Image.new("RGB", (8, 8)).save(buffer, format="PNG")
     picture = _reason(buffer.getvalue())
     assert picture.reason == "undecodable" and "no audio stream" in str(picture)
+
     # over the limit: refused from the container's header, before any packet is decoded
     def no_decoding(*args, **kwargs):
         raise AssertionError("packets were decoded")
