@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 TOWER = {"images": "image", "audio": "audio", "text": "text"}
 MODALITIES = tuple(TOWER)
 DEFAULT_BATCH_SIZE = {"images": 16, "audio": 8, "text": 64}
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-# m4a/mp4/webm are listed so they are reported as undecodable (libsndfile lacks them), not ignored.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+# Recordings libsndfile reads, and the containers FFmpeg (PyAV) decodes: phones', browsers', video.
 AUDIO_SUFFIXES = frozenset(
     {
         ".wav",
@@ -60,8 +62,11 @@ AUDIO_SUFFIXES = frozenset(
         ".caf",
         ".w64",
         ".m4a",
+        ".aac",
         ".mp4",
+        ".mov",
         ".webm",
+        ".mkv",
     }
 )
 DEFAULT_CHECKPOINT = ".cache/AudioCLIP-Full-Training.pt"
@@ -82,11 +87,20 @@ class Source:
 
 @dataclass
 class BatchResult:
-    """Rows for the ``kept`` positions of a batch (in order) and a message for each failed one."""
+    """Rows for the ``kept`` positions of a batch (in order; a position repeats for each of its
+    windows, whose ``(start_s, end_s)`` are ``spans``) and a message for each failed one."""
 
     rows: np.ndarray
     kept: list[int]
     failed: list[tuple[int, str]] = field(default_factory=list)
+    spans: list[tuple[float, float]] | None = None
+
+    def labels(self, batch: Sequence[Source]) -> list[str]:
+        """Each row's sidecar line: its source, and for a window ``<TAB>start_s<TAB>end_s``."""
+        if self.spans is None:
+            return [batch[i].label for i in self.kept]
+        rows = zip(self.kept, self.spans, strict=True)
+        return [f"{batch[i].label}\t{a:.3f}\t{b:.3f}" for i, (a, b) in rows]
 
 
 class Embedder(Protocol):
@@ -150,12 +164,15 @@ class LocalEmbedder:
     """Runs the model in this process with the library's pipeline, as the served towers do: decode
     each item (failures are per item), then collate + forward the good ones."""
 
-    def __init__(self, model: AudioCLIP, modality: str, normalize: bool, truncate: bool) -> None:
-        from audioclip.pipeline import Options, pipelines
+    def __init__(
+        self, model: AudioCLIP, modality: str, normalize: bool, truncate: bool, windows: Any = None
+    ) -> None:
+        from audioclip.pipeline import DEFAULT_LIMITS, Options, pipelines
 
         self.model = model
         self.normalize = normalize
-        self.options = Options(truncate=truncate)
+        self.options = Options(truncate=truncate, windows=windows)
+        self.limits = DEFAULT_LIMITS.for_windows(windows)
         self.pipeline = pipelines()[TOWER[modality]]
         self.reads_files = modality != "text"
 
@@ -163,35 +180,69 @@ class LocalEmbedder:
         from audioclip import InvalidInputError
         from audioclip.model import l2_normalized
 
-        prepared, kept, failed = [], [], []
+        prepared, kept, failed, spans = [], [], [], []
         for i, item in enumerate(items):
             try:
                 raw = Path(item).read_bytes() if self.reads_files else item
-                prepared.append(self.pipeline.decode(raw, options=self.options))
-                kept.append(i)
+                decoded = self.pipeline.decode(raw, self.limits, self.options)
             except (InvalidInputError, OSError) as err:
                 failed.append((i, _error_text(err)))
+                continue
+            if self.options.windows is None:
+                prepared.append(decoded)
+                kept.append(i)
+            else:
+                parts, times = self._cut(decoded)
+                prepared += parts
+                kept += [i] * len(parts)
+                spans += [(t.start_s, t.end_s) for t in times]
         rows = self.pipeline.embed(self.model, prepared)
-        return BatchResult(l2_normalized(rows) if self.normalize else rows, kept, failed)
+        rows = l2_normalized(rows) if self.normalize else rows
+        return BatchResult(rows, kept, failed, spans if self.options.windows else None)
+
+    def _cut(self, clip: Any) -> tuple[list, list]:
+        """A decoded clip's windows as clips, by the service's rule (``audioclip.windows``)."""
+        from audioclip.audio_input import SAMPLE_RATE
+        from audioclip.pipeline import AudioItem
+        from audioclip.windows import cut
+
+        parts, times = cut(clip.samples, self.options.windows, SAMPLE_RATE)
+        return [AudioItem(part) for part in parts], times
 
 
 # ---------------------------------------------------------------------------- the service
 class RemoteEmbedder:
     """Sends each batch as one request; an item the service refuses is dropped and the rest resent."""
 
-    def __init__(self, client: AudioCLIPClient, modality: str, normalize: bool, truncate: bool) -> None:
+    def __init__(
+        self,
+        client: AudioCLIPClient,
+        modality: str,
+        normalize: bool,
+        truncate: bool,
+        window: tuple[float, float | None] | None = None,
+    ) -> None:
         self.modality = modality
         self.client = client
         self.normalize = normalize
         self.truncate = truncate
+        self.window = window  # (window_s, hop_s) for audio windows
+        self.spans: list[tuple[float, float]] | None = None
+        self.rows_of: list[int] = []
 
     def _call(self, payloads: list) -> np.ndarray:
+        """Rows for ``payloads``; with windows, ``rows_of`` and ``spans`` say which payload and span."""
         n = len(payloads)
         if self.modality == "text":
             return self.client.embed_text(payloads, self.normalize, self.truncate, batch_size=n)
         if self.modality == "images":
             return self.client.embed_images(payloads, self.normalize, batch_size=n)
-        return self.client.embed_audio(payloads, self.normalize, batch_size=n)
+        if self.window is None:
+            return self.client.embed_audio(payloads, self.normalize, batch_size=n)
+        rows, windows = self.client.embed_audio_windows(payloads, *self.window, self.normalize, batch_size=n)
+        self.rows_of = [w.item for w in windows]
+        self.spans = [(w.start_s, w.end_s) for w in windows]
+        return rows
 
     def _payloads(self, items: Sequence[Path | str]) -> tuple[dict[int, Any], list[tuple[int, str]]]:
         """Texts as they are; files read once here, so a resend does not read them again."""
@@ -221,8 +272,10 @@ class RemoteEmbedder:
                 continue
             except AudioCLIPClientError as err:
                 raise FatalError(str(err)) from err
-            return BatchResult(rows, alive, failed)
-        return BatchResult(empty_rows(), [], failed)
+            if self.window is None:
+                return BatchResult(rows, alive, failed)
+            return BatchResult(rows, [alive[i] for i in self.rows_of], failed, self.spans)
+        return BatchResult(empty_rows(), [], failed, [] if self.window else None)
 
 
 # ---------------------------------------------------------------------------- running
@@ -241,7 +294,7 @@ def embed_all(sources: list[Source], embedder: Embedder, batch_size: int, progre
             batch = sources[start : start + batch_size]
             result = embedder.embed([s.item for s in batch])
             outcome.rows.append(np.asarray(result.rows, dtype=np.float32))
-            outcome.labels += [batch[i].label for i in result.kept]
+            outcome.labels += result.labels(batch)
             for i, message in sorted(result.failed):
                 outcome.errors.append((batch[i].label, message))
                 tqdm.write(f"audioclip-embed: skipped {batch[i].label}: {message}", file=sys.stderr)
@@ -278,14 +331,27 @@ def make_embedder(args: argparse.Namespace) -> tuple[Embedder, Callable[[], None
         from .client import AudioCLIPClient
 
         client = AudioCLIPClient(args.server, api_key=args.api_key, timeout=args.timeout)
-        return RemoteEmbedder(client, args.modality, args.normalize, args.truncate), client.close
+        window = (args.window, args.hop) if args.window else None
+        embedder = RemoteEmbedder(client, args.modality, args.normalize, args.truncate, window)
+        return embedder, client.close
     model = load_model(args.checkpoint, args.modality, args.device)
-    return LocalEmbedder(model, args.modality, args.normalize, args.truncate), lambda: None
+    windows = None
+    if args.window:
+        from audioclip.windows import WindowSpec
+
+        windows = WindowSpec(args.window, args.hop, "none")
+    return LocalEmbedder(model, args.modality, args.normalize, args.truncate, windows), lambda: None
 
 
 def check_paths(args: argparse.Namespace) -> None:
     """Refuse outputs that would overwrite the input (``texts.txt -o texts.npy``)."""
+    if (args.window or args.hop) and args.modality != "audio":
+        raise FatalError("--window and --hop cut audio; they do not apply to " + args.modality)
+    if args.hop and not args.window:
+        raise FatalError("--hop needs --window")
     if args.ray is not None:
+        if args.window:
+            raise FatalError("--window is not yet offered with --ray; use it in-process or with --server")
         if args.server:
             raise FatalError("--ray and --server are two ways to run; choose one")
         if args.modality == "text":
@@ -347,6 +413,16 @@ def parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--actors", type=int, default=1, help="tower actors (default: 1)")
     ray_group.add_argument("--cpus-per-actor", type=float, default=1.0, help="(default: 1)")
     ray_group.add_argument("--gpus-per-actor", type=float, default=0.0, help="(default: 0, CPU towers)")
+    p.add_argument(
+        "--window",
+        type=float,
+        metavar="SECONDS",
+        help="audio: cut each file into windows this long, a row each; OUT.txt gives each row's "
+        "source<TAB>start_s<TAB>end_s",
+    )
+    p.add_argument(
+        "--hop", type=float, metavar="SECONDS", help="with --window: between starts (default: the window)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 

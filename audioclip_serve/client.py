@@ -96,6 +96,28 @@ class RankResult:
     probability: float
 
 
+@dataclass(frozen=True)
+class AudioWindow:
+    """Where one row of a windowed answer lies: its clip's position in the request and the span."""
+
+    item: int
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One window of a windowed rank query and the candidates ranked against it."""
+
+    start_s: float
+    end_s: float
+    results: list[RankResult]
+
+
+def _ranked(results: list[dict]) -> list[RankResult]:
+    return [RankResult(r["index"], r["modality"], r["cosine"], r["probability"]) for r in results]
+
+
 def read_media(item: MediaInput) -> bytes:
     """A path's contents, or the bytes themselves."""
     if isinstance(item, bytes | bytearray | memoryview):
@@ -262,10 +284,62 @@ class AudioCLIPClient:
         embedding_dtype: str = "float32",
     ) -> np.ndarray:
         """``[N, 1024]`` float32 (or the ``embedding_dtype``'s codes) for audio files (WAV, FLAC,
-        OGG, MP3 ... as paths or bytes)."""
+        OGG, MP3, M4A, WebM, video ... as paths or bytes); long recordings: ``embed_audio_windows``."""
         items = as_item_list(clips, "clips", _MEDIA_TYPES)
         options = {"normalize": normalize, "embedding_dtype": embedding_dtype}
         return self._embed("/v1/embed/audio", "audio", items, encode_media, options, batch_size, progress)
+
+    def embed_audio_windows(
+        self,
+        clips: Sequence[MediaInput],
+        window_s: float,
+        hop_s: float | None = None,
+        normalize: bool = False,
+        batch_size: int = 8,
+        embedding_dtype: str = "float32",
+    ) -> tuple[np.ndarray, list[AudioWindow]]:
+        """Each clip cut into windows of ``window_s`` (every ``hop_s``, default ``window_s``): a row
+        per window and where it lies (``AudioWindow``), the clips' positions counted over all
+        ``clips``. The service's rule: windows start at 0, hop, ...; the last reaches the clip's end."""
+        items = as_item_list(clips, "clips", _MEDIA_TYPES)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        dtype, width = EMBEDDING_DTYPES[embedding_dtype]
+        parts, spans = [np.zeros((0, width), dtype=dtype)], []
+        options = {"window_s": window_s, "pool": "none", "normalize": normalize}
+        for start in range(0, len(items), batch_size):
+            body = {
+                "audio": [encode_media(item) for item in items[start : start + batch_size]],
+                "embedding_dtype": embedding_dtype,
+                **options,
+                **({"hop_s": hop_s} if hop_s is not None else {}),
+            }
+            try:
+                answer = self._request("POST", "/v1/embed/audio", json=body).json()
+            except AudioCLIPHTTPError as err:
+                raise err.at_offset(start) from None
+            parts.append(np.asarray(answer["embeddings"], dtype=dtype).reshape(-1, width))
+            spans += [AudioWindow(w["item"] + start, w["start_s"], w["end_s"]) for w in answer["windows"]]
+        return np.concatenate(parts), spans
+
+    def timeline(
+        self,
+        query: MediaInput,
+        candidates: Sequence[Mapping[str, Any]],
+        window_s: float,
+        hop_s: float | None = None,
+        top_k: int | None = None,
+    ) -> list[TimelineEntry]:
+        """Zero-shot sound-event detection: the audio ``query`` cut into windows, each ranked
+        against ``candidates`` (labels as ``{"text": ...}``, or images), in time order."""
+        body: dict[str, Any] = {
+            "query": rank_item({"audio": query}),
+            "candidates": [rank_item(c) for c in as_item_list(candidates, "candidates", Mapping)],
+            "window_s": window_s,
+        }
+        body.update({k: v for k, v in (("hop_s", hop_s), ("top_k", top_k)) if v is not None})
+        timeline = self._request("POST", "/v1/rank", json=body).json()["timeline"]
+        return [TimelineEntry(e["start_s"], e["end_s"], _ranked(e["results"])) for e in timeline]
 
     def rank(
         self,
@@ -282,8 +356,7 @@ class AudioCLIPClient:
         }
         if top_k is not None:
             body["top_k"] = top_k
-        results = self._request("POST", "/v1/rank", json=body).json()["results"]
-        return [RankResult(r["index"], r["modality"], r["cosine"], r["probability"]) for r in results]
+        return _ranked(self._request("POST", "/v1/rank", json=body).json()["results"])
 
     # ------------------------------------------------------------------ status
     def models(self) -> dict[str, Any]:
