@@ -19,13 +19,16 @@ import ray
 import soundfile as sf
 import torch
 from conftest import INPUTS, assert_matches, row_cosines
+from media_files import encode_audio, encode_video, heic_photo, tone_scene
 from PIL import Image
 from ray import serve
 from serve_support import ENV_KEY_VAR, TEST_ARGS, free_port, wait_ready
 
 import audioclip
 from audioclip.quantize import EMBEDDING_DTYPES, NUMPY_DTYPE, quantize
+from audioclip.windows import fit_length
 from deployments.app import build_app
+from deployments.http_input import OCTETS
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -762,3 +765,126 @@ def test_prometheus_metrics_are_exported(client):
             found |= {name for name in wanted if name in text}
         time.sleep(3)
     assert found == set(wanted), f"missing: {set(wanted) - found}"
+
+
+# ---------------------------------------------------------------------------- recordings and windows
+def _local_audio(model, data) -> torch.Tensor:
+    return model.encode_audio(torch.from_numpy(audioclip.load_audio(data))[None])
+
+
+def _wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples.T, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def test_phone_browser_and_video_recordings_over_http(client, model):
+    scene = tone_scene(48000, 2.0, channels=2)
+    wav = _wav_bytes(scene, 48000)
+    surround = _wav_bytes(np.concatenate([scene, scene, scene]) * 0.5, 48000, "FLOAT")  # 6 channels
+    cases = [
+        (encode_audio(scene, 48000, "m4a_aac"), "audio/mp4"),
+        (encode_audio(scene, 48000, "webm_opus"), "audio/webm;codecs=opus"),  # MediaRecorder's type
+        (encode_video(scene, 48000, "mp4_h264_aac"), "video/mp4"),
+        (wav, "application/octet-stream"),
+        (wav, None),
+        (surround, "audio/wav"),
+    ]
+    for data, kind in cases:
+        headers = {"content-type": kind} if kind else {}
+        served = _embeddings(client.post("/v1/embed/audio", content=data, headers=headers))
+        assert_matches(served, _local_audio(model, data), 0.9999)
+    y, x = np.mgrid[0:240, 0:320]
+    picture = Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8))
+    photo = heic_photo(picture)
+    for kind in ("image/heic", "application/octet-stream"):
+        served = _embeddings(client.post("/v1/embed/image", content=photo, headers={"content-type": kind}))
+        assert_matches(served, model.encode_image(audioclip.preprocess_image(photo)[None]), 0.9999)
+    jpeg = (INPUTS / "rocket.jpg").read_bytes()
+    served = _embeddings(client.post("/v1/embed/image", content=jpeg))  # no content type at all
+    assert_matches(served, model.encode_image(audioclip.preprocess_image(jpeg)[None]), 0.9999)
+    wrong = _error(client.post("/v1/embed/audio", content=jpeg, headers={"content-type": OCTETS}), 422, 0)
+    assert wrong["type"] == "undecodable"
+    _error(client.post("/v1/embed/image", content=wav, headers={"content-type": "audio/wav"}), 415)
+
+
+def test_windows_over_http_npy_openai_and_handles(app_url, client, model):
+    from openai import OpenAI
+
+    clip = tone_scene(44100, 7.0)
+    wav = _wav_bytes(clip, 44100)
+    r = client.post(
+        "/v1/embed/audio?window_s=2&hop_s=1.5&pool=none", content=wav, headers={"content-type": "audio/wav"}
+    )
+    rows, windows = _embeddings(r), r.json()["windows"]
+    spans = [(w["start_s"], w["end_s"]) for w in windows]
+    assert spans == [(0.0, 2.0), (1.5, 3.5), (3.0, 5.0), (4.5, 6.5), (6.0, 7.0)]
+    samples = audioclip.load_audio(wav)
+    alone = np.stack(
+        [fit_length(samples[:, round(a * 44100) : round(b * 44100)], 2 * 44100) for a, b in spans]
+    )
+    assert_matches(rows, model.encode_audio(torch.from_numpy(alone)), 0.9999)
+    npy = client.post(
+        "/v1/embed/audio?window_s=2&hop_s=1.5&pool=none",
+        content=wav,
+        headers={"content-type": "audio/wav", "accept": "application/x-npy"},
+    )
+    assert npy.headers["x-window-counts"] == "5"
+    np.testing.assert_allclose(np.load(io.BytesIO(npy.content)), rows, rtol=1e-4, atol=1e-4)
+    short = _wav_bytes(clip[:, : 3 * 44100], 44100)
+    body = {"audio": [base64.b64encode(x).decode() for x in (wav, short)], "window_s": 2.0, "hop_s": 1.5}
+    r = client.post("/v1/embed/audio?window_s=3", json={**body, "pool": "none"})  # the body's win
+    assert [(w["item"], w["windows"]) for w in r.json()["windows"]] == [(0, 1)] * 5 + [(1, 1)] * 2
+    r = client.post("/v1/embed/audio", json={**body, "pool": "max"})
+    assert [(w["item"], w["windows"]) for w in r.json()["windows"]] == [(0, 5), (1, 2)]
+    assert _embeddings(r).shape == (2, 1024)
+    openai = OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+    result = openai.embeddings.create(
+        model="audioclip-test",
+        input=[base64.b64encode(wav).decode()],
+        extra_body={"modality": "audio", "window_s": 2.0, "hop_s": 1.5, "pool": "none"},
+    )
+    served = np.asarray([d.embedding for d in result.data], dtype=np.float32)
+    assert [d.index for d in result.data] == list(range(5))
+    assert result.data[4].model_extra["window"] == {"item": 0, "start_s": 6.0, "end_s": 7.0, "windows": 1}
+    assert row_cosines(served, rows).min() > 0.99999
+    handle = serve.get_app_handle("audioclip")
+    by_handle = handle.embed_audio.remote([wav], window_s=2.0, hop_s=1.5, pool="none").result(timeout_s=120)
+    assert row_cosines(by_handle, rows).min() > 0.99999
+    labels = [{"text": "a high tone"}, {"text": "a low tone"}]
+    timeline = handle.timeline.remote({"audio": wav}, labels, 2.0, 1.5).result(timeout_s=120)
+    assert [(e["start_s"], e["end_s"]) for e in timeline] == spans
+    for query, reason in [
+        ("window_s=0.01", "window_s"),
+        ("pool=none", "window_s"),
+        ("window_s=2&pool=median", "pool"),
+        ("window_s=abc", "window_s"),
+    ]:
+        error = _error(
+            client.post(f"/v1/embed/audio?{query}", content=wav, headers={"content-type": "audio/wav"}), 400
+        )
+        assert reason in error["message"], (query, error)
+    _error(client.post("/v1/embed/image", json={"images": [], "window_s": 2.0}), 400)
+
+
+def test_a_rank_timeline_says_which_label_where(client, model):
+    clip = tone_scene(44100, 6.0)
+    wav = base64.b64encode(_wav_bytes(clip, 44100)).decode()
+    labels = ["a dog barking", "a siren", "birdsong"]
+    body = {"query": {"audio": wav}, "candidates": [{"text": t} for t in labels], "window_s": 2.0}
+    r = client.post("/v1/rank", json=body)
+    assert r.status_code == 200, r.text
+    timeline = r.json()["timeline"]
+    assert [(e["start_s"], e["end_s"]) for e in timeline] == [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0)]
+    samples = audioclip.load_audio(base64.b64decode(wav))
+    text = torch.nn.functional.normalize(model.encode_text(labels), dim=-1)
+    for entry in timeline:
+        part = samples[:, round(entry["start_s"] * 44100) : round(entry["end_s"] * 44100)]
+        window = torch.nn.functional.normalize(model.encode_audio(torch.from_numpy(part)[None]), dim=-1)
+        cos = (text @ window[0]).numpy()
+        prob = torch.softmax(torch.from_numpy(cos) * model.logit_scales.audio_text, 0).numpy()
+        assert [x["index"] for x in entry["results"]] == list(np.argsort(-cos))
+        assert all(abs(x["probability"] - prob[x["index"]]) < 1e-3 for x in entry["results"])
+    assert len(r.json()["results"]) == 3  # and the whole recording ranked
+    not_audio = {**body, "query": {"text": "a tone"}}
+    assert _error(client.post("/v1/rank", json=not_audio), 400)["type"] == "bad_window"
