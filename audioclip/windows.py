@@ -1,10 +1,11 @@
 """Long recordings as repeatable windows: where each window lies, its samples, and how windows pool.
 
 AudioCLIP was trained on 5-second ESC-50 clips, so a long recording is embedded window by window.
-Windows start at ``0, hop, 2*hop, ...``; there are ``1 + ceil((N - W) / hop)`` of them (one for a
-clip no longer than a window), so the last one reaches the end, and a short last window is
-centre-padded with zeros to the window's length, the reference's test-time rule for short clips
-(``RandomPadding`` in test mode). Everything is a function of the samples and the two lengths: the
+Windows start at ``0, hop, 2*hop, ...``; there are ``1 + ceil((N - W - T) / hop)`` of them (one for
+a clip no longer than a window), so the last one reaches the end but for a tail under ``T`` = 0.1 s
+(a window of a few milliseconds of sound and the rest silence would be noise), and a short last
+window is centre-padded with zeros to the window's length, the reference's test-time rule for
+short clips (``RandomPadding`` in test mode). Everything is a function of the samples and the two lengths: the
 same file always gives the same windows and vectors (no random crop), and a window's vector is the
 vector of its samples sent alone. Windows are views of the decoded clip, never copies.
 
@@ -70,7 +71,8 @@ class WindowSpec:
     def count(self, samples: int, rate: int) -> int:
         """How many windows a clip of ``samples`` makes."""
         window, hop = self.lengths(rate)
-        return 1 + max(0, math.ceil((samples - window) / hop))
+        ignored_tail = round(MIN_WINDOW_S * rate)
+        return 1 + max(0, math.ceil((samples - window - ignored_tail) / hop))
 
     def max_seconds(self, max_windows: int) -> float:
         """The longest clip that makes at most ``max_windows`` windows."""

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 import numpy as np
@@ -28,6 +29,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 
 from audioclip.errors import InvalidInputError
 from audioclip.pipeline import ImagePipeline, Options, count_check
@@ -72,6 +74,9 @@ from .settings import AppArgs
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="audioclip-serve", docs_url="/docs", redoc_url=None)
+PLAYGROUND = Path(__file__).parent / "playground"
+# One static page (and its script and style) that calls the public API: no build step, no CDN.
+api.mount("/playground", StaticFiles(directory=PLAYGROUND, html=True), name="playground")
 
 
 class Service(Protocol):

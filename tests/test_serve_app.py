@@ -11,6 +11,7 @@ import collections
 import io
 import os
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -888,3 +889,88 @@ def test_a_rank_timeline_says_which_label_where(client, model):
     assert len(r.json()["results"]) == 3  # and the whole recording ranked
     not_audio = {**body, "query": {"text": "a tone"}}
     assert _error(client.post("/v1/rank", json=not_audio), 400)["type"] == "bad_window"
+
+
+# ---------------------------------------------------------------------------- the playground page
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "playground"
+
+
+def _browser(fake_microphone: Path):
+    """Debian's headless Chromium through its chromedriver, its microphone fed from a WAV file."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("the playground test needs Debian's browser: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1100",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={fake_microphone}",
+    ):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def test_playground_ranks_a_picked_photo_and_a_microphone_recording(app_url, client, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    microphone = tmp_path / "microphone.wav"
+    sf.write(microphone, tone_scene(48000, 8.0).T, 48000, subtype="PCM_16")
+    photo = tmp_path / "rocket.jpg"
+    photo.write_bytes((INPUTS / "rocket.jpg").read_bytes())
+    labels = ["a rocket", "a cup of coffee", "a dog barking"]
+    for asset in ("", "playground.js", "playground.css"):  # the app serves every file itself
+        assert client.get(f"/playground/{asset}").status_code == 200
+    driver = _browser(microphone)
+    try:
+        wait = WebDriverWait(driver, 90)
+        driver.get(f"{app_url}/playground/")
+        field = driver.find_element(By.ID, "labels")
+        field.clear()
+        field.send_keys("\n".join(labels))
+        driver.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda d: d.find_element(By.ID, "rank").is_enabled())
+        driver.find_element(By.ID, "rank").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == len(labels))
+        shown = [
+            (li.get_attribute("data-label"), float(li.get_attribute("data-probability")))
+            for li in driver.find_elements(By.CSS_SELECTOR, "#results li")
+        ]
+        body = {
+            "query": {"image": base64.b64encode(photo.read_bytes()).decode()},
+            "candidates": [{"text": t} for t in labels],
+        }
+        expected = client.post("/v1/rank", json=body).json()["results"]
+        assert [label for label, _ in shown] == [labels[r["index"]] for r in expected]
+        assert all(abs(p - r["probability"]) < 1e-4 for (_, p), r in zip(shown, expected, strict=True))
+        # the browser's own recorder (WebM/Opus) through the audio route, windowed into a timeline
+        driver.find_element(By.ID, "record").click()
+        wait.until(lambda d: "recording" in d.find_element(By.ID, "recording-state").text)
+        time.sleep(3.5)
+        driver.find_element(By.ID, "stop").click()
+        wait.until(lambda d: "recording (audio/webm" in d.find_element(By.ID, "status").text)
+        for field_id, value in (("window", "1"), ("hop", "1")):
+            driver.find_element(By.ID, field_id).clear()
+            driver.find_element(By.ID, field_id).send_keys(value)
+        driver.find_element(By.ID, "rank").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#timeline-list li")) >= 3)
+        windows = driver.find_elements(By.CSS_SELECTOR, "#timeline-list li")
+        assert {li.get_attribute("data-label") for li in windows} <= set(labels)
+        starts = [float(li.get_attribute("data-start")) for li in windows]
+        assert starts == sorted(starts) and starts[0] == 0.0
+        assert "error" not in driver.find_element(By.ID, "status").get_attribute("class")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shot = SCREENSHOTS / "playground-recording.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        print(f"\nplayground screenshot: {shot} ({len(windows)} windows)")
+    finally:
+        driver.quit()

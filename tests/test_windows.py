@@ -62,7 +62,8 @@ def test_the_window_rule_reaches_the_end_and_pads_the_tail_at_the_centre():
     np.testing.assert_array_equal(parts[-1], fit_length(clip[:, 75:], 50))  # centred zeros on both sides
     assert parts[-1][0, 0] == 0 and parts[-1][0, -1] == 0
     assert WindowSpec(5.0).count(30, rate) == 1  # a clip shorter than a window is one padded window
-    assert WindowSpec(5.0).count(100, rate) == 2 and WindowSpec(5.0).count(101, rate) == 3
+    assert WindowSpec(5.0).count(100, rate) == 2 and WindowSpec(5.0).count(102, rate) == 3
+    assert WindowSpec(5.0).count(101, rate) == 2  # a tail of 0.1 s is no window of its own
     assert spec.max_seconds(4) == 12.5  # the longest clip that makes 4 windows
     for bad in (dict(window_s=0.01), dict(window_s=5.0, hop_s=0.0), dict(window_s=float("nan"))):
         with pytest.raises(audioclip.InvalidInputError) as info:
