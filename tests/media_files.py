@@ -4,6 +4,7 @@ pillow-heif, from sounds whose samples the tests know."""
 from __future__ import annotations
 
 import io
+import os
 from fractions import Fraction
 
 import av
@@ -97,3 +98,31 @@ def heic_photo(image: Image.Image, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     pillow_heif.from_pillow(image).save(buffer, quality=quality)
     return buffer.getvalue()
+
+
+def write_scene(path: str, seconds: float = 12.0) -> None:
+    """The tests' tone scene as a file whose suffix names the format (.wav .m4a .webm .mkv .mp4 .mov)."""
+    import soundfile as sf
+
+    scene = tone_scene(48000, seconds, channels=1)
+    suffix = path.rsplit(".", 1)[-1].lower()
+    audio = {"m4a": "m4a_aac", "aac": "adts_aac", "webm": "webm_opus", "mkv": "mkv_opus"}
+    video = {"mp4": "mp4_h264_aac", "mov": "mov_h264_aac"}
+    if suffix in audio:
+        data = encode_audio(scene, 48000, audio[suffix])
+    elif suffix in video:
+        data = encode_video(scene, 48000, video[suffix])
+    else:
+        buffer = io.BytesIO()
+        sf.write(buffer, scene.T, 48000, format=suffix.upper())
+        data = buffer.getvalue()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as out:
+        out.write(data)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for target in sys.argv[1:]:
+        write_scene(target)

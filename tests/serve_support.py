@@ -26,5 +26,7 @@ TEST_ARGS = {
         "max_pixels": 20_000_000,
         "max_audio_seconds": 60.0,
         "max_text_chars": 5000,
+        "max_windows": 32,
+        "max_windowed_audio_seconds": 120.0,
     },
 }

@@ -21,6 +21,7 @@ import pytest
 import ray
 import soundfile as sf
 from conftest import INPUTS
+from media_files import encode_audio, tone_scene
 from PIL import Image
 from ray import serve
 from ray.serve.api import RunTarget
@@ -128,6 +129,11 @@ def _bad_http_requests() -> list[tuple[str, str, dict, bytes]]:
     wav = (INPUTS / "chord_44k.wav").read_bytes()
     b64 = base64.b64encode(jpeg[: len(jpeg) // 2]).decode()
     long_text = "word " * 200
+    scene = tone_scene(48000, 2.0)
+    m4a, webm = encode_audio(scene, 48000, "m4a_aac"), encode_audio(scene, 48000, "webm_opus")
+    buffer = io.BytesIO()
+    sf.write(buffer, tone_scene(44100, 40.0).T, 44100, format="WAV", subtype="PCM_16")
+    wav_long = buffer.getvalue()
     nan_pixels = np.full((1, 3, 224, 224), np.nan, dtype=np.float32)
     return [
         ("/v1/embed/text", "application/json", {}, b'{"texts": ["ok", "%s"]}' % long_text.encode()),
@@ -167,6 +173,22 @@ def _bad_http_requests() -> list[tuple[str, str, dict, bytes]]:
             b'{"model": "audioclip-test", "input": ["a"], "dimensions": 8}',
         ),
         ("/v1/no-such-route", "application/json", {}, b"{}"),
+        # recordings: a cut-off phone memo, a browser recording's header only, a video without sound
+        ("/v1/embed/audio", "audio/mp4", {}, m4a[: len(m4a) // 3]),
+        ("/v1/embed/audio", "audio/webm", {}, webm[:200]),
+        ("/v1/embed/audio", "video/mp4", {}, b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100),
+        ("/v1/embed/audio", "application/octet-stream", {}, jpeg),
+        ("/v1/embed/image", "image/heic", {}, b"\x00\x00\x00\x1cftypheic" + b"\x00" * 50),
+        ("/v1/embed/audio", "audio/wav", {"window_s": "0.01"}, wav),
+        ("/v1/embed/audio", "audio/wav", {"pool": "none"}, wav),
+        ("/v1/embed/audio", "audio/wav", {"window_s": "1", "hop_s": "-1"}, wav),
+        ("/v1/embed/audio", "audio/wav", {"window_s": "0.5"}, wav_long),  # over max_windows
+        (
+            "/v1/rank",
+            "application/json",
+            {},
+            b'{"query": {"text": "a"}, "candidates": [{"text": "b"}], "window_s": 2}',
+        ),
     ]
 
 
