@@ -74,15 +74,27 @@ def test_openapi_describes_every_body_content_type_and_error_status():
         "application/json",
         "multipart/form-data",
         "image/*",
+        "application/octet-stream",
         "application/x-npy",
     }
-    assert set(posts["/v1/embed/audio"]["requestBody"]["content"]) >= {"audio/*", "application/x-npy"}
+    assert set(posts["/v1/embed/audio"]["requestBody"]["content"]) >= {
+        "audio/*",
+        "video/*",
+        "application/octet-stream",
+        "application/x-npy",
+    }
     assert schemas["TextRequest"]["properties"]["texts"]["items"]["type"] == "string"
     assert "query" in schemas["RankRequest"]["required"]
     assert {p["name"] for p in posts["/v1/embed/audio"]["parameters"]} == {
         "normalize",
         "embedding_dtype",
         "sample_rate",
+        "window_s",
+        "hop_s",
+        "pool",
     }
+    assert {"window_s", "hop_s", "pool"} <= set(schemas["AudioJSONRequest"]["properties"])
+    assert {"window_s", "hop_s"} <= set(schemas["RankRequest"]["properties"])
+    assert "timeline" in schemas["RankResponse"]["properties"]
     dtypes = schemas["TextRequest"]["properties"]["embedding_dtype"]["enum"]
     assert dtypes == ["float32", "float16", "int8", "uint8", "binary", "ubinary"]
