@@ -5,24 +5,29 @@ WebM/Opus (every browser's ``MediaRecorder``), Matroska, and the audio track of 
 video. libsndfile stays the fast path for what it reads; this is its fallback, under the same limits:
 the channel count, and the duration where the container's header gives it, are checked before any
 packet is decoded, and decoding stops one frame past the limit (a ``MediaRecorder`` WebM has no
-duration in its header, so there the limit is enforced while decoding). Samples land in one buffer
-sized from the header, so a long recording is not held twice. PyAV's FFmpeg logging is off by default,
-so a corrupt upload writes nothing to the server's log.
+duration in its header, so there the limit is enforced while decoding). Decoded frames go straight
+to the caller's sink (resampled there as they come), so a long recording is not held twice.
+PyAV's FFmpeg logging is off by default, so a corrupt upload writes nothing to the server's log.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Protocol, TypeVar
 
 import av
 import numpy as np
 
-from audioclip.audio_checks import check_channels, check_duration, check_finite, frame_limit
+from audioclip.audio_checks import check_channels, check_duration, frame_limit
 from audioclip.errors import InvalidInputError, Reason, describe
 
 _HEADROOM_S = 1.0  # buffer beyond the header's duration, which codecs' priming can overshoot
+
+
+S = TypeVar("S", bound="Sink")
 
 
 class NotRecognised(Exception):
@@ -37,34 +42,22 @@ def _header_seconds(container: av.container.InputContainer, stream: av.AudioStre
     return None
 
 
-class _Samples:
-    """A growing ``[N, C]`` float32 buffer: sized once from the header, grown in place otherwise."""
+class Sink(Protocol):
+    """Where decoded chunks go (``audio_sink.ModelRateSink``)."""
 
-    def __init__(self, capacity: int, channels: int, limit: int) -> None:
-        self.array = np.empty((max(capacity, 1), channels), dtype=np.float32)
-        self.size = 0
-        self.limit = limit
+    frames_in: int
 
-    def append(self, frames: np.ndarray) -> bool:
-        """Adds ``[n, C]`` frames; False once the limit is passed (the rest is not decoded)."""
-        end = min(self.size + frames.shape[0], self.limit)
-        if end > self.array.shape[0]:
-            grown = min(max(end, int(self.array.shape[0] * 1.5)), self.limit)
-            self.array.resize((grown, self.array.shape[1]), refcheck=False)
-        self.array[self.size : end] = frames[: end - self.size]
-        self.size = end
-        return end < self.limit
-
-    def result(self) -> np.ndarray:
-        self.array.resize((self.size, self.array.shape[1]), refcheck=False)
-        return self.array
+    def write(self, unit: np.ndarray) -> None: ...
 
 
 def decode_container(
-    data: bytes | bytearray | memoryview | str | os.PathLike, max_seconds: float
-) -> tuple[np.ndarray, int]:
-    """The first audio stream as ``[N, C]`` float32 in [-1, 1] and its rate. Raises ``NotRecognised``
-    when FFmpeg knows no such format, ``InvalidInputError`` for a corrupt, silent or too long one."""
+    data: bytes | bytearray | memoryview | str | os.PathLike,
+    max_seconds: float,
+    open_sink: Callable[[int, int, int], S],
+) -> tuple[S, int]:
+    """The first audio stream's ``[n, C]`` float32 chunks into ``open_sink(rate, channels,
+    expected_frames)``; returns the sink and the stream's rate. Raises ``NotRecognised`` when FFmpeg
+    knows no such format, ``InvalidInputError`` for a corrupt or silent one, or one past the limit."""
     source = io.BytesIO(bytes(data)) if isinstance(data, bytes | bytearray | memoryview) else os.fspath(data)
     try:
         container = av.open(source, mode="r", metadata_errors="ignore")
@@ -86,25 +79,20 @@ def decode_container(
         limit = frame_limit(max_seconds, rate)
         if seconds is not None:
             check_duration(max(1, round(seconds * rate)), rate, max_seconds)
-        capacity = min(limit, round(((seconds or 10.0) + _HEADROOM_S) * rate))
-        samples = _Samples(capacity, channels, limit)
+        sink = open_sink(rate, channels, min(limit, round(((seconds or 10.0) + _HEADROOM_S) * rate)))
         # Packed float32 at the stream's own rate and layout: FFmpeg converts the sample format only.
         packed = av.AudioResampler(format="flt", layout=stream.codec_context.layout, rate=rate)
         try:
             for frame in container.decode(stream):
-                if not all(samples.append(_frames(out, channels)) for out in packed.resample(frame)):
-                    break
+                for out in packed.resample(frame):
+                    sink.write(out.to_ndarray().reshape(-1, channels)[: limit - sink.frames_in])
+                if sink.frames_in >= limit:
+                    break  # one frame past the limit: too long, and nothing more is decoded
             else:
                 for out in packed.resample(None):
-                    samples.append(_frames(out, channels))
+                    sink.write(out.to_ndarray().reshape(-1, channels)[: limit - sink.frames_in])
         except (av.FFmpegError, ValueError) as err:
             message = f"cannot decode audio: {describe(err)}"
             raise InvalidInputError(message, reason=Reason.UNDECODABLE) from err
-    unit = samples.result()
-    check_duration(unit.shape[0], rate, max_seconds)
-    check_finite(unit)
-    return unit, rate
-
-
-def _frames(frame: av.AudioFrame, channels: int) -> np.ndarray:
-    return frame.to_ndarray().reshape(-1, channels)
+    check_duration(sink.frames_in, rate, max_seconds)
+    return sink, rate

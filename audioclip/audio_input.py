@@ -28,22 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 
-from audioclip.audio_checks import (
-    check_channels,
-    check_duration,
-    check_finite,
-    check_rate,
-    downmixed,
-    frame_limit,
-)
+from audioclip.audio_checks import check_channels, check_duration, check_finite, check_rate, frame_limit
 from audioclip.audio_demux import NotRecognised, decode_container
+from audioclip.audio_sink import INT16_SCALE, SAMPLE_RATE, ModelRateSink
 from audioclip.errors import InvalidInputError, Reason, describe
 
-SAMPLE_RATE = 44100
 DEFAULT_MAX_SECONDS = 300.0
-INT16_SCALE = 32768.0
+_BLOCK_FRAMES = 1 << 16  # libsndfile reads this many frames at a time into the sink
+__all__ = ["DEFAULT_MAX_SECONDS", "INT16_SCALE", "SAMPLE_RATE", "load_audio"]
 
 AudioLike = bytes | bytearray | memoryview | str | os.PathLike | np.ndarray
 
@@ -64,41 +57,41 @@ def _check_file_rate(file_rate: int, sample_rate: int | None) -> None:
         )
 
 
-def _decode_sndfile(source: io.BytesIO | str | os.PathLike, max_seconds: float) -> tuple[np.ndarray, int]:
-    """libsndfile's read into ``[N, C]`` float32; header checks come first."""
+def _decode_sndfile(source: io.BytesIO | str | os.PathLike, max_seconds: float) -> tuple[ModelRateSink, int]:
+    """libsndfile's blocks into the model's clip; header checks come first."""
     with sf.SoundFile(source) as handle:
         check_channels(handle.channels)
         check_duration(handle.frames, handle.samplerate, max_seconds)
-        frames = frame_limit(max_seconds, handle.samplerate)
-        unit = handle.read(frames=frames, dtype="float32", always_2d=True)
-        return unit, handle.samplerate
+        sink = ModelRateSink(handle.samplerate, handle.channels, handle.frames)
+        limit = frame_limit(max_seconds, handle.samplerate)
+        for block in handle.blocks(_BLOCK_FRAMES, dtype="float32", always_2d=True, frames=limit):
+            sink.write(block)
+        return sink, handle.samplerate
 
 
 def _decode(
     data: bytes | bytearray | memoryview | str | os.PathLike, sample_rate: int | None, max_seconds: float
-) -> tuple[np.ndarray, int]:
-    """An encoded file -> ``[N, C]`` float32 in [-1, 1] and its rate: libsndfile where it reads the
-    format, FFmpeg (``audio_demux``) for the containers it lacks (M4A, WebM, video tracks ...)."""
+) -> np.ndarray:
+    """An encoded file -> the model's clip: libsndfile where it reads the format, FFmpeg
+    (``audio_demux``) for the containers it lacks (M4A, WebM, video tracks ...)."""
     if isinstance(data, str | os.PathLike) and not Path(data).is_file():
         raise _fail(f"audio file {os.fspath(data)!r} does not exist", Reason.NOT_FOUND)
     source = io.BytesIO(bytes(data)) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
-        unit, rate = _decode_sndfile(source, max_seconds)
+        sink, rate = _decode_sndfile(source, max_seconds)
     except InvalidInputError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sndfile_err:
         try:
-            unit, rate = decode_container(data, max_seconds)
+            sink, rate = decode_container(data, max_seconds, ModelRateSink)
         except NotRecognised:
             raise _fail(
                 f"cannot decode audio: {describe(sndfile_err)} (neither libsndfile nor FFmpeg reads it)",
                 Reason.UNDECODABLE,
             ) from None
     _check_file_rate(rate, sample_rate)
-    check_duration(unit.shape[0], rate, max_seconds)  # the header's frame count may have lied
-    check_finite(unit)
-    # Lossy decoders overshoot full scale slightly on loud material; PCM could not exceed it.
-    return downmixed(np.clip(unit, -1.0, 1.0, out=unit)), rate
+    check_duration(sink.frames_in, rate, max_seconds)  # the header's frame count may have lied
+    return sink.finish()
 
 
 def _channels_first(array: np.ndarray) -> np.ndarray:
@@ -137,8 +130,8 @@ def _array_to_unit(array: np.ndarray) -> np.ndarray:
     )
 
 
-def _from_array(array: np.ndarray, sample_rate: int | None, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Validate a raw sample array; returns ``[N, C]`` float32 in [-1, 1] and its rate."""
+def _from_array(array: np.ndarray, sample_rate: int | None, max_seconds: float) -> np.ndarray:
+    """Validate a raw sample array and bring it to the model's clip."""
     planar = _channels_first(array)
     if sample_rate is None:
         raise _fail(
@@ -149,19 +142,9 @@ def _from_array(array: np.ndarray, sample_rate: int | None, max_seconds: float) 
     if planar.shape[0] == 0:
         raise _fail("audio has no channels", Reason.EMPTY)
     check_duration(planar.shape[1], rate, max_seconds)
-    return downmixed(np.ascontiguousarray(_array_to_unit(planar).T)), rate
-
-
-def _to_model_rate(unit: np.ndarray, rate: int) -> np.ndarray:
-    """Resample ``[N, C]`` to 44.1 kHz and return the model's ``[C, N]`` int16-range float32. Scaled
-    in place; a mono ``[N, 1]`` transposes without a copy, so a long recording is held once more
-    at most (by the resampler's output)."""
-    if rate != SAMPLE_RATE:
-        unit = soxr.resample(unit, rate, SAMPLE_RATE, quality="VHQ")
-    elif not unit.flags.writeable:
-        unit = unit.copy()
-    unit *= np.float32(INT16_SCALE)
-    return np.ascontiguousarray(unit.T, dtype=np.float32)
+    sink = ModelRateSink(rate, planar.shape[0], planar.shape[1])
+    sink.write(np.ascontiguousarray(_array_to_unit(planar).T))
+    return sink.finish()
 
 
 def load_audio(
@@ -175,12 +158,10 @@ def load_audio(
     or uint8 (8-bit PCM, offset 128).
     """
     if isinstance(data, np.ndarray):
-        unit, rate = _from_array(data, sample_rate, max_seconds)
-    elif isinstance(data, bytes | bytearray | memoryview | str | os.PathLike):
-        unit, rate = _decode(data, sample_rate, max_seconds)
-    else:
-        raise _fail(
-            f"unsupported audio type {type(data).__name__}; pass encoded bytes, a path or a numpy array",
-            Reason.UNSUPPORTED_TYPE,
-        )
-    return _to_model_rate(unit, rate)
+        return _from_array(data, sample_rate, max_seconds)
+    if isinstance(data, bytes | bytearray | memoryview | str | os.PathLike):
+        return _decode(data, sample_rate, max_seconds)
+    raise _fail(
+        f"unsupported audio type {type(data).__name__}; pass encoded bytes, a path or a numpy array",
+        Reason.UNSUPPORTED_TYPE,
+    )
