@@ -55,6 +55,7 @@ class CorpusJob:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     decode_batch_size: int = 32
+    rows_per_file: int = 4096  # at least, per Parquet file (else one small file per decode block)
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -62,8 +63,8 @@ class CorpusJob:
             raise ValueError(f"--ray embeds files: images or audio, not {self.modality!r}")
         if self.embedding_dtype not in EMBEDDING_DTYPES:
             raise ValueError(f"embedding_dtype must be one of {', '.join(EMBEDDING_DTYPES)}")
-        if self.actors < 1 or self.batch_size < 1 or self.decode_batch_size < 1:
-            raise ValueError("actors and batch sizes must be >= 1")
+        if min(self.actors, self.batch_size, self.decode_batch_size, self.rows_per_file) < 1:
+            raise ValueError("actors, batch sizes and rows per file must be >= 1")
 
 
 @dataclass
@@ -293,7 +294,7 @@ def run(job: CorpusJob, input_uri: str, suffixes: frozenset[str]) -> JobReport:
         num_cpus=job.cpus_per_actor,
         num_gpus=job.gpus_per_actor,
     )
-    embedded.write_parquet(job.output)
+    embedded.write_parquet(job.output, min_rows_per_file=job.rows_per_file)
     files = _parquet_files(job.output)
     unusable, first = write_errors(job.output, files)
     return JobReport(
