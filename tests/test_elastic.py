@@ -144,6 +144,49 @@ def _tower_stats(deployment: str, calls: int = 24) -> dict[int, dict]:
     return {s["pid"]: s for s in (handle.stats.remote().result(timeout_s=60) for _ in range(calls))}
 
 
+def _without_the_token(tmp: Path) -> dict:
+    """A caller's environment without Ray's token: no token variables, and a home with no token file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    return {**env, "HOME": str(tmp)}
+
+
+def test_the_control_plane_refuses_callers_without_the_token(cluster, tmp_path):
+    """Token auth (the README's cluster commands): without the token, the dashboard's job and Serve
+    APIs answer 401 and the CLIs are refused; with it, the documented deploy works (the fixture's)."""
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    bearer = {"authorization": f"Bearer {token}"}
+    attempts = {
+        "GET /api/jobs/": lambda h: httpx.get(f"{cluster.dashboard}/api/jobs/", headers=h),
+        "POST /api/jobs/": lambda h: httpx.post(
+            f"{cluster.dashboard}/api/jobs/", json={"entrypoint": "touch /tmp/pwned"}, headers=h
+        ),
+        "GET /api/serve/applications/": lambda h: httpx.get(
+            f"{cluster.dashboard}/api/serve/applications/", headers=h
+        ),
+        "PUT /api/serve/applications/": lambda h: httpx.put(
+            f"{cluster.dashboard}/api/serve/applications/", json={"applications": []}, headers=h
+        ),
+    }
+    refused = {name: call({}).status_code for name, call in attempts.items()}
+    wrong_token = attempts["GET /api/jobs/"]({"authorization": "Bearer not-the-token"}).status_code
+    print(f"\nwithout the token: {refused}; a wrong token: {wrong_token}")
+    assert set(refused.values()) == {401} and wrong_token == 401
+    assert attempts["GET /api/jobs/"](bearer).status_code == 200
+    assert attempts["GET /api/serve/applications/"](bearer).status_code == 200
+    outsider = _without_the_token(tmp_path)
+    path = cluster.workdir / "outsider.yaml"
+    path.write_text(yaml.safe_dump(cluster.config))
+    for command in (
+        [str(BIN / "serve"), "deploy", str(path), "-a", cluster.dashboard],
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--", "touch", "/tmp/pwned"],
+    ):
+        result = subprocess.run(command, env=outsider, capture_output=True, text=True, timeout=120)
+        print(f"{Path(command[0]).name} {command[1]} without the token: exit {result.returncode}")
+        assert result.returncode != 0, result.stdout[-500:]
+    assert not Path("/tmp/pwned").exists()
+    assert httpx.get(f"{cluster.url}/readyz", timeout=30).status_code == 200  # the app kept serving
+
+
 def test_text_tower_scales_up_under_a_burst_and_back_down(cluster):
     store = serve.get_deployment_handle("WeightStore", "audioclip")
     before = store.info.remote().result(timeout_s=60)
