@@ -54,3 +54,22 @@ def test_conv_layout_defaults():
 def test_layout_settings_that_cannot_apply_are_refused_when_the_app_is_built(args, message):
     with pytest.raises(ValueError, match=message):
         build_app(args)
+
+
+def test_the_cluster_config_ships_the_code_and_every_dependency_but_the_runtime():
+    """configs/cluster.yaml: serve_config.yaml's app, plus the runtime_env that serve deploy ships."""
+    import tomllib
+
+    cluster = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
+    [app] = cluster["applications"]
+    runtime_env = app.pop("runtime_env")
+    assert runtime_env["working_dir"].endswith("audioclip-serve-app.zip")
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    runtime = ("torch", "torchvision", "ray")  # what every node of a Ray cluster already runs
+    expected = sorted(d.split(";")[0].strip() for d in declared if not d.startswith(runtime))
+    assert sorted(runtime_env["pip"]["packages"]) == expected
+    [production] = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    assert {**app, "args": {**app["args"], "checkpoint": None}} == {
+        **production,
+        "args": {**production["args"], "checkpoint": None},
+    }

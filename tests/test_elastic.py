@@ -12,6 +12,8 @@ import collections
 import copy
 import os
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable
@@ -60,23 +62,57 @@ class Cluster:
         return httpx.get(f"{self.url}/v1/models", timeout=60).json()
 
 
+def bare_python(workdir: Path) -> Path:
+    """A Python with the project's dependencies but not the project: a venv whose one ``.pth`` line
+    adds this venv's site-packages (Python runs no ``.pth`` file found there, so the project's
+    editable-install hook never loads), as a node image with Ray and torch but no audioclip."""
+    bare = workdir / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    site = next((bare / "lib").glob("python3*/site-packages"))
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = bare / "bin" / "python"
+    probe = "import ray, torch, av\ntry:\n import audioclip\nexcept ImportError: print('absent')"
+    result = subprocess.run(
+        [str(python), "-c", probe], cwd=workdir, capture_output=True, text=True, timeout=120, env=_node_env()
+    )
+    assert result.stdout.strip() == "absent", result.stdout + result.stderr
+    return python
+
+
+def _node_env() -> dict:
+    """The environment a node starts in: nothing that would put the project on its path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return {**env, "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """``ray start --head`` from a Python without the project; ``serve deploy`` ships the code in the
+    config's ``runtime_env`` (a working_dir zip made by ``scripts/package_app.py``)."""
     workdir = tmp_path_factory.mktemp("elastic")
+    python = bare_python(workdir)
+    app_zip = workdir / "audioclip-serve-app.zip"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "package_app.py"), "-o", str(app_zip)],
+        check=True,
+        timeout=120,
+    )
     # Token auth, as the README's cluster commands run it: the token file serves `ray start`, the
     # serve CLI and this test's driver.
     subprocess.run(
         [str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60
     )
-    env = {**os.environ, "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"}  # token auth: from conftest
+    env = _node_env()  # token auth: from conftest
     gcs, dashboard, http_port = free_port(), free_port(), free_port()
     start = [
-        str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+        str(python), "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}", "--num-cpus=4",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        "--disable-usage-stats",
     ]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180, cwd=workdir)
     config = yaml.safe_load((ROOT / "configs" / "autoscale.yaml").read_text())
     config["http_options"]["port"] = http_port
+    config["applications"][0]["runtime_env"] = {"working_dir": app_zip.as_uri()}
     found = Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard}", config, workdir, env)
     assert os.environ["RAY_AUTH_MODE"] == "token"  # set by conftest before Ray was imported
     try:
