@@ -28,6 +28,7 @@ from audioclip.errors import InvalidInputError, Reason
 Pool = Literal["mean", "max", "none"]
 POOLS: tuple[str, ...] = get_args(Pool)
 MIN_WINDOW_S = 0.1  # the audio tower's front end needs a few frames (a frame is 1654 samples)
+MAX_WINDOW_S = 600.0  # longer is no window: 120x the 5-s clips AudioCLIP was trained on
 
 
 def fit_length(clip: np.ndarray, length: int) -> np.ndarray:
@@ -52,11 +53,9 @@ class WindowSpec:
     pool: Pool = "mean"
 
     def __post_init__(self) -> None:
-        hop = self.hop
-        if not (math.isfinite(self.window_s) and self.window_s >= MIN_WINDOW_S):
-            raise _bad(f"window_s must be at least {MIN_WINDOW_S} s, got {self.window_s!r}")
-        if not (math.isfinite(hop) and hop >= MIN_WINDOW_S):
-            raise _bad(f"hop_s must be at least {MIN_WINDOW_S} s, got {hop!r}")
+        for name, value in (("window_s", self.window_s), ("hop_s", self.hop)):
+            if not (isinstance(value, int | float) and MIN_WINDOW_S <= value <= MAX_WINDOW_S):
+                raise _bad(f"{name} must be {MIN_WINDOW_S} to {MAX_WINDOW_S:g} s, got {value!r}")
         if self.pool not in POOLS:
             raise _bad(f"pool must be one of {list(POOLS)}, got {self.pool!r}")
 

@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 from audioclip.errors import InvalidInputError
 from audioclip.pipeline import ImagePipeline, Options, count_check
 from audioclip.quantize import EmbeddingDtype, quantize
-from audioclip.windows import MIN_WINDOW_S, Pool, WindowSpec
+from audioclip.windows import MAX_WINDOW_S, MIN_WINDOW_S, Pool, WindowSpec
 
 from . import http_input as hi
 from . import openai_compat
@@ -94,6 +94,9 @@ class Service(Protocol):
 
 _BOUND: dict[str, Service] = {}
 NormalizeQuery = Annotated[bool, Query(description="L2-normalise (binary bodies)")]
+_SECONDS = {"ge": MIN_WINDOW_S, "le": MAX_WINDOW_S}
+WindowQuery = Annotated[float | None, Query(**_SECONDS, description=WINDOW_S_FIELD.description)]
+HopQuery = Annotated[float | None, Query(**_SECONDS, description=HOP_S_FIELD.description)]
 DtypeQuery = Annotated[EmbeddingDtype, Query(description="float32, float16, int8, uint8, binary, ubinary")]
 
 
@@ -456,8 +459,8 @@ async def embed_audio(
     normalize: NormalizeQuery = False,
     embedding_dtype: DtypeQuery = "float32",
     sample_rate: Annotated[int | None, Query(gt=0, description="Hz, for an npy body")] = None,
-    window_s: Annotated[float | None, Query(ge=MIN_WINDOW_S, description=WINDOW_S_FIELD.description)] = None,
-    hop_s: Annotated[float | None, Query(ge=MIN_WINDOW_S, description=HOP_S_FIELD.description)] = None,
+    window_s: WindowQuery = None,
+    hop_s: HopQuery = None,
     pool: Annotated[Pool | None, Query(description=POOL_FIELD.description)] = None,
 ) -> Response:
     """Audio (WAV, FLAC, MP3, OGG/Vorbis, Opus, M4A/AAC, WebM, the audio track of MP4/MOV/WebM video

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictBool, Vali
 
 from audioclip.errors import InvalidInputError, Reason
 from audioclip.quantize import EmbeddingDtype
-from audioclip.windows import MIN_WINDOW_S, Pool, WindowSpec
+from audioclip.windows import MAX_WINDOW_S, MIN_WINDOW_S, Pool, WindowSpec
 
 from .errors import BadRequest
 
@@ -49,9 +49,14 @@ class ImageJSONRequest(MediaJSONRequest):
 
 
 WINDOW_S_FIELD = Field(
-    None, ge=MIN_WINDOW_S, description="cut each clip into windows this long (AudioCLIP was trained on 5 s)"
+    None,
+    ge=MIN_WINDOW_S,
+    le=MAX_WINDOW_S,
+    description="cut each clip into windows this long (AudioCLIP was trained on 5 s)",
 )
-HOP_S_FIELD = Field(None, ge=MIN_WINDOW_S, description="seconds between window starts; default window_s")
+HOP_S_FIELD = Field(
+    None, ge=MIN_WINDOW_S, le=MAX_WINDOW_S, description="seconds between window starts; default window_s"
+)
 WINDOW_FIELDS = frozenset({"window_s", "hop_s", "pool"})
 POOL_FIELD = Field("mean", description="mean or max of the normalised windows, or none: a vector per window")
 
@@ -108,7 +113,10 @@ class RankRequest(Body):
     candidates: list[RankItem] = Field(min_length=1)
     top_k: PositiveInt | None = None
     window_s: float | None = Field(
-        None, ge=MIN_WINDOW_S, description="an audio query: rank each window too (the answer's timeline)"
+        None,
+        ge=MIN_WINDOW_S,
+        le=MAX_WINDOW_S,
+        description="an audio query: rank each window too (the answer's timeline)",
     )
     hop_s: float | None = HOP_S_FIELD
 

@@ -974,3 +974,45 @@ def test_playground_ranks_a_picked_photo_and_a_microphone_recording(app_url, cli
         print(f"\nplayground screenshot: {shot} ({len(windows)} windows)")
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------- bad input at scale
+def test_ten_thousand_generated_requests_get_no_5xx_and_the_app_stays_ready(app_url, client):
+    """schemathesis from /openapi.json (every operation, schema-valid and schema-violating) and
+    hypothesis (arbitrary bytes under every content type), sent 8 at a time: no 5xx, every refusal
+    the JSON error body, /readyz 200 after every 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fuzz_openapi import raw_cases, schema_cases
+
+    cases = [*schema_cases(client.get("/openapi.json").json(), 600), *raw_cases(4200)]
+    statuses: collections.Counter = collections.Counter()
+    problems = []
+
+    def check(case) -> None:
+        response = case.send(app_url)
+        statuses[response.status_code] += 1
+        if response.status_code >= 500:
+            problems.append(f"{case.name}: {response.status_code} {response.text[:200]}")
+        elif response.status_code >= 400 and response.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            error = response.json().get("error", {})
+            if not (error.get("type") and error.get("message")) or "Traceback" in error["message"]:
+                problems.append(f"{case.name}: {response.status_code} without a proper error body")
+        elif response.status_code >= 400:
+            problems.append(
+                f"{case.name}: {response.status_code} answered {response.headers.get('content-type')}"
+            )
+
+    not_ready = 0
+    with ThreadPoolExecutor(8) as pool:
+        for start in range(0, len(cases), 500):
+            list(pool.map(check, cases[start : start + 500]))
+            not_ready += client.get("/readyz").status_code != 200
+    total = sum(statuses.values())
+    print(f"\n{total} generated requests: statuses {dict(sorted(statuses.items()))}; not ready {not_ready}x")
+    assert total >= 10_000 and not problems, problems[:10]
+    assert (
+        not_ready == 0 and statuses[200] > 0 and sum(n for s, n in statuses.items() if 400 <= s < 500) > 5000
+    )

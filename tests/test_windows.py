@@ -65,7 +65,14 @@ def test_the_window_rule_reaches_the_end_and_pads_the_tail_at_the_centre():
     assert WindowSpec(5.0).count(100, rate) == 2 and WindowSpec(5.0).count(102, rate) == 3
     assert WindowSpec(5.0).count(101, rate) == 2  # a tail of 0.1 s is no window of its own
     assert spec.max_seconds(4) == 12.5  # the longest clip that makes 4 windows
-    for bad in (dict(window_s=0.01), dict(window_s=5.0, hop_s=0.0), dict(window_s=float("nan"))):
+    bad_specs = (
+        dict(window_s=0.01),
+        dict(window_s=5.0, hop_s=0.0),
+        dict(window_s=float("nan")),
+        dict(window_s=1e308),  # would overflow the sample count
+        dict(window_s=5.0, hop_s=float("inf")),
+    )
+    for bad in bad_specs:
         with pytest.raises(audioclip.InvalidInputError) as info:
             WindowSpec(**bad)
         assert info.value.reason == "bad_window"
