@@ -33,6 +33,7 @@ class WeightStore:
         self._info["logit_scales"] = LogitScales.of(arrays)._asdict()
         self._info["loads"] = 1  # this process read the checkpoint once; towers only borrow refs
         self._info["pid"] = os.getpid()
+        self._info["node_id"] = ray.get_runtime_context().get_node_id()  # where the refs' owner lives
         self._refs_given = dict.fromkeys(towers, 0)
         logger.info(
             "weights %s (%s, sha256 %s) shared for %s",

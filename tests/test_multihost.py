@@ -91,11 +91,9 @@ class MultiHost:
         node = serve.get_deployment_handle(deployment, "audioclip").describe.remote().result(timeout_s=60)
         return self.nodes.get(node["node_id"], "?")
 
-    def host_of_actor(self, class_name: str) -> str:
-        from ray.util.state import list_actors
-
-        [actor] = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-        return self.nodes.get(actor.node_id, "?")
+    def store_host(self) -> str:
+        info = serve.get_deployment_handle("WeightStore", "audioclip").info.remote().result(timeout_s=60)
+        return self.nodes.get(info["node_id"], "?")
 
     def refresh_nodes(self) -> None:
         by_ip = {ip: ns for ns, ip in HOSTS.items()} | {HEAD_IP: "head"}
@@ -218,7 +216,7 @@ def test_towers_on_different_hosts_load_weights_across_them(hosts, model):
     towers = {name: hosts.host_of(name) for name in ("TextEncoder", "ImageEncoder", "AudioEncoder")}
     print(f"\ntowers on hosts: {towers}")
     assert "head" not in towers.values() and len(set(towers.values())) >= 2
-    store = hosts.host_of_actor("ServeReplica:audioclip:WeightStore")
+    store = hosts.store_host()
     crossed = [name for name, host in towers.items() if host != store]
     print(f"weight store on {store}: weights crossed hosts to {crossed}")
     assert crossed  # those towers' weights came through the object store from another host
