@@ -56,18 +56,30 @@ def _cleanup() -> None:
 
 def _kill_cluster(gcs_port: int) -> None:
     """Every process of this test's cluster and only those (``ray stop`` would end every Ray cluster
-    on the machine): they name the head's GCS address or port on their command line."""
+    on the machine): the ones naming the head's GCS address or port, and all their descendants
+    (workers and agents retitle themselves ``ray::...``, so they are found through their parents)."""
     marks = (f"{HEAD_IP}:{gcs_port}".encode(), f"--gcs_server_port={gcs_port}".encode())
+    parents, roots = {}, []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
             command = (proc / "cmdline").read_bytes()
-        except OSError:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
         if any(mark in command for mark in marks):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), 9)
+            roots.append(int(proc.name))
+    doomed, todo = set(roots), list(roots)
+    while todo:
+        parent = todo.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in doomed:
+                doomed.add(pid)
+                todo.append(pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
 
 
 def _make_hosts() -> None:
