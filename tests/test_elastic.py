@@ -206,7 +206,7 @@ def test_the_control_plane_refuses_callers_without_the_token(cluster, tmp_path):
     refused = {name: call({}).status_code for name, call in attempts.items()}
     wrong_token = attempts["GET /api/jobs/"]({"authorization": "Bearer not-the-token"}).status_code
     print(f"\nwithout the token: {refused}; a wrong token: {wrong_token}")
-    assert set(refused.values()) == {401} and wrong_token == 401
+    assert set(refused.values()) == {401} and wrong_token == 403  # no token: 401; a wrong one: 403
     assert attempts["GET /api/jobs/"](bearer).status_code == 200
     assert attempts["GET /api/serve/applications/"](bearer).status_code == 200
     outsider = _without_the_token(tmp_path)
