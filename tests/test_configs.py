@@ -63,6 +63,13 @@ def test_the_cluster_config_ships_the_code_and_every_dependency_but_the_runtime(
     cluster = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
     [app] = cluster["applications"]
     runtime_env = app.pop("runtime_env")
+    settings = AppArgs.model_validate(app["args"])
+    for override in app.pop("deployments"):  # the batching the args set, as overrides from the start
+        tower = settings.tower(override["name"].removesuffix("Encoder").lower())
+        assert override["user_config"] == {
+            "max_batch_size": tower.max_batch_size,
+            "batch_wait_timeout_s": tower.batch_wait_timeout_s,
+        }
     assert runtime_env["working_dir"].endswith("audioclip-serve-app.zip")
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     runtime = ("torch", "torchvision", "ray")  # what every node of a Ray cluster already runs

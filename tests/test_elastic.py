@@ -112,7 +112,13 @@ def cluster(tmp_path_factory):
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180, cwd=workdir)
     config = yaml.safe_load((ROOT / "configs" / "autoscale.yaml").read_text())
     config["http_options"]["port"] = http_port
-    config["applications"][0]["runtime_env"] = {"working_dir": app_zip.as_uri()}
+    app = config["applications"][0]
+    app["runtime_env"] = {"working_dir": app_zip.as_uri()}
+    # With an application runtime_env, Serve keeps a deployment's replicas through a later
+    # `deployments:` override only if that deployment was overridden from the first deploy on.
+    app["deployments"] = [
+        {"name": "TextEncoder", "user_config": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002}}
+    ]
     found = Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dashboard}", config, workdir, env)
     assert os.environ["RAY_AUTH_MODE"] == "token"  # set by conftest before Ray was imported
     try:
