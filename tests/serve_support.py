@@ -30,3 +30,16 @@ TEST_ARGS = {
         "max_windowed_audio_seconds": 120.0,
     },
 }
+
+
+def namespaces_available() -> bool:
+    """Whether this machine lets a test make hosts (root, iproute2, network namespaces)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = "ac-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=30).returncode == 0
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
+    return made

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -23,7 +22,7 @@ import pytest
 import ray
 from conftest import INPUTS, row_cosines
 from ray import serve
-from serve_support import TEST_ARGS, free_port, wait_ready
+from serve_support import TEST_ARGS, free_port, namespaces_available, wait_ready
 
 import audioclip
 from deployments.app import build_app
@@ -130,7 +129,7 @@ class MultiHost:
 
 @pytest.fixture(scope="module")
 def hosts():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
+    if not namespaces_available():
         pytest.skip("the multi-host test needs root and iproute2 (ip netns) to make hosts")
     try:
         _make_hosts()

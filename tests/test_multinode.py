@@ -1,5 +1,7 @@
-"""A multi-node Ray cluster on this machine: towers on different nodes, weights crossing the object
-store between nodes, and the loss of a worker node survived."""
+"""A multi-node Ray cluster on one address (``ray.cluster_utils``): towers on different nodes, weights
+crossing the object store between nodes, and the loss of a worker node survived. Where network
+namespaces can be made, ``tests/test_multihost.py`` does this on hosts with their own addresses and
+this module skips."""
 
 from __future__ import annotations
 
@@ -12,11 +14,17 @@ import ray
 from conftest import row_cosines
 from ray import serve
 from ray.cluster_utils import Cluster
-from serve_support import TEST_ARGS, free_port, wait_ready
+from serve_support import TEST_ARGS, free_port, namespaces_available, wait_ready
 
 from deployments.app import build_app
 
-pytestmark = [pytest.mark.serve, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.serve,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        namespaces_available(), reason="tests/test_multihost.py runs these on hosts with their own addresses"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
