@@ -108,6 +108,8 @@ def pooled(rows: np.ndarray, counts: Sequence[int], pool: Pool) -> np.ndarray:
     rows), or the rows themselves for ``none``."""
     if pool == "none":
         return rows
+    if not counts:  # a request of no clips
+        return rows[:0]
     unit = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
     bounds = np.cumsum([0, *counts])
     reduce = np.mean if pool == "mean" else np.max

@@ -6,10 +6,12 @@ failure reproduces) and sent afterwards, so the sending can be concurrent."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
+import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -54,9 +56,22 @@ def _collect(strategy: st.SearchStrategy, count: int) -> list:
 
 
 @dataclass(frozen=True)
+class Answer:
+    status: int
+    content_type: str
+    text: str
+
+
+def _answer(status: int, headers: Mapping, text: str) -> Answer:
+    """One shape for httpx's and schemathesis's responses (whose header values are lists)."""
+    kind = next((value for key, value in headers.items() if key.lower() == "content-type"), "")
+    return Answer(status, kind[0] if isinstance(kind, list) and kind else str(kind or ""), text)
+
+
+@dataclass(frozen=True)
 class Generated:
     name: str
-    send: Callable[[str], httpx.Response | object]  # base URL -> response (status_code, headers, json)
+    send: Callable[[str], Answer]  # base URL -> the answer
 
 
 def schema_cases(openapi: dict, per_operation_and_mode: int) -> list[Generated]:
@@ -68,8 +83,28 @@ def schema_cases(openapi: dict, per_operation_and_mode: int) -> list[Generated]:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             for case in _collect(operation.as_strategy(generation_mode=mode), per_operation_and_mode):
                 name = f"{operation.method.upper()} {operation.path} ({mode.value})"
-                cases.append(Generated(name, lambda url, case=case: case.call(base_url=url, timeout=120)))
+                cases.append(Generated(name, lambda url, case=case: _call(case, url)))
     return cases
+
+
+_PER_THREAD = threading.local()  # one connection pool per sending thread
+
+
+def _session() -> requests.Session:
+    if not hasattr(_PER_THREAD, "session"):
+        _PER_THREAD.session = requests.Session()
+    return _PER_THREAD.session
+
+
+def _client() -> httpx.Client:
+    if not hasattr(_PER_THREAD, "client"):
+        _PER_THREAD.client = httpx.Client(timeout=120)
+    return _PER_THREAD.client
+
+
+def _call(case: schemathesis.Case, url: str) -> Answer:
+    response = case.call(base_url=url, session=_session(), timeout=120)
+    return _answer(response.status_code, response.headers, response.text)
 
 
 def raw_cases(count: int) -> list[Generated]:
@@ -92,8 +127,9 @@ def raw_cases(count: int) -> list[Generated]:
     for path, kind, content in _collect(strategy, count):
         headers = {"content-type": kind} if kind else {}
 
-        def send(url: str, path=path, headers=headers, content=content) -> httpx.Response:
-            return httpx.post(f"{url}{path}", headers=headers, content=content, timeout=120)
+        def send(url: str, path=path, headers=headers, content=content) -> Answer:
+            response = _client().post(f"{url}{path}", headers=headers, content=content)
+            return _answer(response.status_code, response.headers, response.text)
 
         cases.append(Generated(f"POST {path} ({kind or 'no content type'}, {len(content)} bytes)", send))
     return cases

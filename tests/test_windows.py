@@ -109,6 +109,8 @@ def test_pooling_combines_the_normalised_windows_of_each_clip(towers):
         assert [(r.item, r.windows, r.end_s) for r in result.windows] == [(0, 2, 4.0), (1, 2, 2.5)]
         expected = pooled(none.embeddings, [2, 2], pool)
         np.testing.assert_allclose(result.embeddings, expected, rtol=1e-5, atol=1e-6)
+    empty = asyncio.run(core.embed("audio", [], options=Options(windows=WindowSpec(2.0, pool="mean"))))
+    assert empty.embeddings.shape == (0, 1024) and empty.windows == []  # found by schemathesis: was a 500
     unit = none.embeddings / np.linalg.norm(none.embeddings, axis=1, keepdims=True)
     np.testing.assert_allclose(pooled(none.embeddings, [2, 2], "mean")[1], unit[2:].mean(0), rtol=1e-6)
 
