@@ -332,7 +332,8 @@ def write_errors(output: str, files: list[str], keep: int = 20) -> tuple[int, li
         if not files:
             return 0, []
         dataset = pads.dataset(files, filesystem=fs, format="parquet")
-        for batch in dataset.to_batches(columns=["source", "error"], filter=pc.field("error").is_valid()):
+        unusable = pc.field("error").is_valid()
+        for batch in dataset.to_batches(columns=["source", "error"], filter=unusable, batch_size=4096):
             rows = list(
                 zip(batch.column("source").to_pylist(), batch.column("error").to_pylist(), strict=True)
             )
