@@ -139,7 +139,10 @@ def test_resume_skips_what_is_written_and_drops_half_written_files(cluster, phot
 def test_a_worker_node_lost_mid_job_loses_and_doubles_nothing(cluster, photos, tmp_path):
     ray_cluster, workers = cluster
     out = tmp_path / "out"
-    job = CorpusJob("image", CHECKPOINT, str(out), actors=2, batch_size=2, decode_batch_size=2)
+    # small files, so that some are written while the job still runs (the node is lost after the first)
+    job = CorpusJob(
+        "image", CHECKPOINT, str(out), actors=2, batch_size=2, decode_batch_size=2, rows_per_file=2
+    )
     result: dict = {}
 
     def embed() -> None:
