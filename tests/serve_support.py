@@ -43,3 +43,34 @@ def namespaces_available() -> bool:
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=30).returncode == 0
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
     return made
+
+
+def kill_cluster(gcs_address: str, gcs_port: int) -> None:
+    """Every process of one ``ray start`` cluster and only those (``ray stop`` would end every Ray
+    cluster on the machine): the ones naming its GCS address or port, and all their descendants
+    (workers and agents retitle themselves ``ray::...``, so they are found through their parents)."""
+    import contextlib
+    from pathlib import Path
+
+    marks = (gcs_address.encode(), f"--gcs_server_port={gcs_port}".encode())
+    parents, roots = {}, []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes()
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if any(mark in command for mark in marks):
+            roots.append(int(proc.name))
+    doomed, todo = set(roots), list(roots)
+    while todo:
+        parent = todo.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in doomed:
+                doomed.add(pid)
+                todo.append(pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)

@@ -22,7 +22,7 @@ import pytest
 import ray
 from conftest import INPUTS, row_cosines
 from ray import serve
-from serve_support import TEST_ARGS, free_port, namespaces_available, wait_ready
+from serve_support import TEST_ARGS, free_port, kill_cluster, namespaces_available, wait_ready
 
 import audioclip
 from deployments.app import build_app
@@ -51,34 +51,6 @@ def _cleanup() -> None:
         _run("ip", "netns", "del", namespace, check=False)
         _run("ip", "link", "del", f"{namespace}-br", check=False)
     _run("ip", "link", "del", BRIDGE, check=False)
-
-
-def _kill_cluster(gcs_port: int) -> None:
-    """Every process of this test's cluster and only those (``ray stop`` would end every Ray cluster
-    on the machine): the ones naming the head's GCS address or port, and all their descendants
-    (workers and agents retitle themselves ``ray::...``, so they are found through their parents)."""
-    marks = (f"{HEAD_IP}:{gcs_port}".encode(), f"--gcs_server_port={gcs_port}".encode())
-    parents, roots = {}, []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            command = (proc / "cmdline").read_bytes()
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if any(mark in command for mark in marks):
-            roots.append(int(proc.name))
-    doomed, todo = set(roots), list(roots)
-    while todo:
-        parent = todo.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in doomed:
-                doomed.add(pid)
-                todo.append(pid)
-    for pid in doomed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
 
 
 def _make_hosts() -> None:
@@ -168,7 +140,7 @@ def hosts():
             serve.shutdown()
         ray.shutdown()
         _cleanup()  # the worker hosts' processes
-        _kill_cluster(port)  # the head's
+        kill_cluster(gcs, port)  # the head's
 
 
 # ---------------------------------------------------------------------------- load with checked answers
