@@ -213,22 +213,22 @@ def answer_headers(request: Request, timings: Timings, checkpoint: str) -> dict[
 @dataclass(frozen=True)
 class AnswerForm:
     """How a request wants its vectors: L2-normalised or not, in which ``embedding_dtype``, and for
-    audio whether clips are cut into windows."""
+    audio the window fields as given (``None``: not given), checked together by ``windows``."""
 
     normalize: bool = False
     embedding_dtype: str = "float32"
-    windows: WindowSpec | None = None
+    window_s: float | None = None
+    hop_s: float | None = None
+    pool: Pool | None = None
 
     def overridden_by(self, body: MediaJSONRequest) -> AnswerForm:
-        """The JSON body's own choices where it makes them; the query's otherwise."""
-        given = {
-            name: getattr(body, name)
-            for name in ("normalize", "embedding_dtype")
-            if name in body.model_fields_set
-        }
-        if isinstance(body, Windowed) and body.model_fields_set & WINDOW_FIELDS:
-            given["windows"] = body.windows()
-        return replace(self, **given)
+        """The JSON body's own choices where it makes them, field by field; the query's otherwise."""
+        names = ("normalize", "embedding_dtype", *(WINDOW_FIELDS if isinstance(body, Windowed) else ()))
+        return replace(self, **{name: getattr(body, name) for name in names if name in body.model_fields_set})
+
+    def windows(self) -> WindowSpec | None:
+        given = {"pool"} if self.pool is not None else set()
+        return window_spec(self.window_s, self.hop_s, self.pool or "mean", given)
 
 
 def window_spans(result: Embedded) -> list[dict] | None:
@@ -392,7 +392,7 @@ async def _embed_media(
         else:
             accepted = ("application/json", "multipart/form-data", *raw_types, hi.OCTETS, hi.NPY)
             raise hi.unsupported(modality, kind, accepted)
-    options = Options(windows=answer.windows)
+    options = Options(windows=answer.windows())
     result = await service.core.embed(modality, items, normalize=answer.normalize, options=options)
     return embed_response(request, service, modality, result, answer)
 
@@ -472,9 +472,7 @@ async def embed_audio(
             raise BadRequest("an npy audio body needs ?sample_rate=<positive integer Hz>")
         return [(array, sample_rate)]
 
-    given = {"pool"} if pool is not None else set()
-    windows = window_spec(window_s, hop_s, pool or "mean", given)
-    form = AnswerForm(normalize, embedding_dtype, windows)
+    form = AnswerForm(normalize, embedding_dtype, window_s, hop_s, pool)
     return await _embed_media(request, service, "audio", AudioJSONRequest, from_npy, form)
 
 

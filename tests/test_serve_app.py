@@ -835,7 +835,7 @@ def test_windows_over_http_npy_openai_and_handles(app_url, client, model):
     np.testing.assert_allclose(np.load(io.BytesIO(npy.content)), rows, rtol=1e-4, atol=1e-4)
     short = _wav_bytes(clip[:, : 3 * 44100], 44100)
     body = {"audio": [base64.b64encode(x).decode() for x in (wav, short)], "window_s": 2.0, "hop_s": 1.5}
-    r = client.post("/v1/embed/audio?window_s=3", json={**body, "pool": "none"})  # the body's win
+    r = client.post("/v1/embed/audio?pool=none&window_s=3", json=body)  # the body's window, the query's pool
     assert [(w["item"], w["windows"]) for w in r.json()["windows"]] == [(0, 1)] * 5 + [(1, 1)] * 2
     r = client.post("/v1/embed/audio", json={**body, "pool": "max"})
     assert [(w["item"], w["windows"]) for w in r.json()["windows"]] == [(0, 5), (1, 2)]
