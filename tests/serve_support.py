@@ -74,3 +74,9 @@ def kill_cluster(gcs_address: str, gcs_port: int) -> None:
     for pid in doomed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
+    # `ray start` named this cluster the machine's current one; `ray stop` would forget it, and a
+    # later plain `ray.init()` or `serve run` (make demo) would otherwise wait for it forever.
+    current = Path("/tmp/ray/ray_current_cluster")
+    with contextlib.suppress(OSError):
+        if current.read_text().strip() == gcs_address:
+            current.unlink()
