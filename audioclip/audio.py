@@ -185,6 +185,7 @@ class ESResNeXtFBSP(nn.Module):
             self.add_module(f"att{i}", Attention2d(cin, cout, kernel, padding))
         self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
         self.fbsp = LinearFBSP(out_features=n_fft // 2 + 1, in_features=n_fft)
+        self.features_runtime: nn.Module | None = None  # audioclip.backends puts another runtime here
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         layers = [Bottleneck(self._inplanes, planes, stride)]
@@ -236,5 +237,6 @@ class ESResNeXtFBSP(nn.Module):
         if waveform.ndim != 3:
             raise ValueError(f"audio must be [B, C, N] or [B, N], got {list(waveform.shape)}")
         batch, channels = waveform.shape[:2]
-        feats = self.features(self.log_spectrogram(waveform))
+        trunk = self.features_runtime if self.features_runtime is not None else self.features
+        feats = trunk(self.log_spectrogram(waveform))
         return self.fc(feats.view(batch, channels, -1).sum(dim=1))

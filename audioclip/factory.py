@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .backends import Backend, use_backend
 from .checkpoint import read_state_dict, verify_known_checkpoint
 from .model import AudioCLIP, AudioNorm
 from .synthetic import synthetic_state_dict
@@ -59,13 +60,18 @@ def load_weights(checkpoint: str | os.PathLike) -> tuple[dict[str, np.ndarray], 
 
 @dataclass(frozen=True)
 class TowerBuild:
-    """How one tower runs: device, dtype and the convolution layout (None: the measured default)."""
+    """How one tower runs: device, dtype, the convolution layout (None: the measured default), and
+    the runtime of its hot part (``audioclip.backends``; ``threads`` None: torch's thread count)."""
 
     device: str = "cpu"
     dtype: str | None = None  # fp32 / fp16 / bf16 (image and text towers)
     channels_last: bool | None = None
     fold_batchnorm: bool | None = None
     audio_norm: AudioNorm = "running"
+    backend: Backend = "eager"
+    int8: bool = False
+    threads: int | None = None
+    graph_cache: str | None = None  # None: audioclip.backends.DEFAULT_CACHE_DIR
 
 
 def conv_layout(
@@ -91,10 +97,29 @@ def resolve_device(wants_gpu: bool) -> str:
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
-def build_tower(state: Mapping[str, object], tower: str, build: TowerBuild = TowerBuild()) -> AudioCLIP:
-    """One tower from checkpoint-named arrays (shared, not copied, on CPU), laid out by ``conv_layout``."""
+def build_tower(
+    state: Mapping[str, object],
+    tower: str,
+    build: TowerBuild = TowerBuild(),
+    weights_sha256: str | None = None,
+) -> AudioCLIP:
+    """One tower from checkpoint-named arrays (shared, not copied, on CPU), laid out by ``conv_layout``,
+    its hot part on ``build.backend`` (graphs cached under ``weights_sha256``, computed when not given)."""
     device = resolve_device(build.device == "cuda")  # a CUDA build runs on the CPU where no GPU is seen
     model = AudioCLIP.from_state_dict(state, device, (tower,), dtype=build.dtype, audio_norm=build.audio_norm)
+    if build.backend != "eager":
+        if build.fold_batchnorm:
+            model.fold_batchnorm()  # the runtimes fold BatchNorm themselves; unfolded, no private copy
+        use_backend(
+            model,
+            tower,
+            build.backend,
+            weights_sha256=weights_sha256 or digest_arrays({k: np.asarray(v) for k, v in state.items()}),
+            threads=build.threads or torch.get_num_threads(),
+            int8=build.int8,
+            cache_dir=Path(build.graph_cache).expanduser() if build.graph_cache else None,
+        )
+        return model
     nhwc, fold = conv_layout(tower, device, build.channels_last, build.fold_batchnorm, model.audio_norm)
     if nhwc:
         model.use_channels_last(True)

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from audioclip.backends import Backend, check_backend
 from audioclip.factory import TowerBuild
 from audioclip.pipeline import DEFAULT_LIMITS, Limits, Pipeline, pipelines
 
@@ -95,6 +96,13 @@ class TowerSettings(_Replicated):
         description="fold BatchNorm into the convs (audio 1.11x, image 1.06x on CPU); default: where the"
         " conv weights are copied anyway (NHWC), never for audio_norm per_clip",
     )
+    backend: Backend = Field(
+        "eager",
+        description="runtime of the tower's heavy part (audioclip.backends): eager PyTorch, onnxruntime"
+        " (text, image) or openvino (text, image, audio); CPU, fp32, graphs cached by checkpoint sha256",
+    )
+    int8: bool = Field(False, description="dynamic int8 MatMuls (backend onnxruntime, text tower only)")
+    graph_cache: str | None = Field(None, description="exported graphs' folder; default ~/.cache/audioclip")
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 x max_batch_size")
@@ -115,6 +123,10 @@ class TowerSettings(_Replicated):
             channels_last=self.channels_last,
             fold_batchnorm=self.fold_batchnorm,
             audio_norm=audio_norm,
+            backend=self.backend,
+            int8=self.int8,
+            threads=self.torch_threads,
+            graph_cache=self.graph_cache,
         )
 
 
@@ -200,6 +212,20 @@ class AppArgs(_Strict):
             raise ValueError(
                 "audio fold_batchnorm needs audio_norm 'running' (per_clip uses each clip's statistics)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _backends_apply(self) -> AppArgs:
+        """A runtime other than eager runs fp32 on the CPU (int8 where offered), audio with running norms."""
+        for name in self.towers:
+            tower = self.tower(name)
+            check_backend(name, tower.backend, tower.int8)
+            if tower.backend == "eager":
+                continue
+            if tower.num_gpus > 0 or tower.dtype not in (None, "fp32"):
+                raise ValueError(f"{name} backend {tower.backend} runs fp32 on the CPU: no num_gpus or dtype")
+            if name == "audio" and self.audio_norm != "running":
+                raise ValueError(f"audio backend {tower.backend} needs audio_norm 'running'")
         return self
 
     def tower(self, name: str) -> TowerSettings:

@@ -114,7 +114,8 @@ class TowerBase:
         torch.set_num_threads(args.threads)
         [ref], self.checkpoint = await store.get.remote(self.tower)  # one call: these weights, their sha256
         state = await ref
-        self.model = await asyncio.to_thread(build_tower, state, self.tower, args.build)
+        sha256 = self.checkpoint["sha256"]  # names the folder of the tower's exported graphs
+        self.model = await asyncio.to_thread(build_tower, state, self.tower, args.build, sha256)
         self.device = self.model.device.type
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.tower}-forward")
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)  # the latest ones
@@ -212,6 +213,8 @@ class TowerBase:
             "torch_threads": torch.get_num_threads(),
             "channels_last": self.model.channels_last,
             "batchnorm_folded": self.model.batchnorm_folded,
+            "backend": self.args.build.backend,
+            "int8": self.args.build.int8,
             "checkpoint_sha256": self.checkpoint["sha256"],
             "load_seconds": round(self.load_seconds, 3),
             "pid": os.getpid(),

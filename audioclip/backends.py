@@ -1,0 +1,267 @@
+"""Inference runtimes for a tower's heavy part: eager PyTorch, ONNX Runtime or OpenVINO.
+
+Each tower has one *hot part* that holds nearly all of its FLOPs and takes one float32 tensor:
+the text transformer (``[B, L, 512]`` -> ``[B, L, 512]``), the whole image tower (``[B, 3, 224,
+224]`` -> ``[B, 1024]``) and the audio tower's convolution trunk (``[B*C, 3, 341, T]`` dB images ->
+``[B*C, 2048]``). Everything around it (tokens, embeddings, the FBSP front end, the EOT gather, the
+projections) stays in PyTorch, so a runtime changes how the FLOPs run, never what is computed.
+
+The graph of a hot part is exported from the model as built (batch and length dynamic), once per
+checkpoint: graphs are cached under ``cache_dir / <weights sha256> /``, written atomically, and
+never downloaded. ``int8`` quantizes the text transformer's MatMuls dynamically with ONNX
+Runtime (per-channel weights; 7-bit "reduced range" weights where the CPU has no VNNI
+instructions, against the u8 x s8 overflow of AVX2's ``vpmaddubsw``).
+
+Which runtime a tower can use (the conv trunk of the audio tower has adaptive max pools to
+shape-dependent sizes, which the ONNX exporters refuse; OpenVINO converts it):
+
+=============  ====================  =============
+backend        fp32                  int8
+=============  ====================  =============
+eager          text, image, audio    -
+onnxruntime    text, image           text
+openvino       text, image, audio    -
+=============  ====================  =============
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from torch import nn
+
+Backend = Literal["eager", "onnxruntime", "openvino"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+FP32_TOWERS: dict[str, frozenset[str]] = {
+    "eager": frozenset({"text", "image", "audio"}),
+    "onnxruntime": frozenset({"text", "image"}),
+    "openvino": frozenset({"text", "image", "audio"}),
+}
+INT8_TOWERS: dict[str, frozenset[str]] = {"onnxruntime": frozenset({"text"})}
+GRAPH_FORMAT = 1  # bump when the exported hot parts change, so stale cached graphs are not used
+DEFAULT_CACHE_DIR = Path(os.environ.get("AUDIOCLIP_GRAPH_CACHE", "~/.cache/audioclip/graphs")).expanduser()
+
+RunGraph = Callable[[np.ndarray], np.ndarray]
+
+
+def check_backend(tower: str, backend: str, int8: bool = False) -> None:
+    """Raise ``ValueError`` naming what is offered when ``backend`` / ``int8`` cannot run ``tower``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    offered = INT8_TOWERS.get(backend, frozenset()) if int8 else FP32_TOWERS[backend]
+    if tower not in offered:
+        what = "int8" if int8 else "fp32"
+        towers = ", ".join(sorted(offered)) or "no tower"
+        raise ValueError(f"backend {backend} runs {what} for {towers}, not the {tower} tower")
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI): int8 dot products without overflow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# ---------------------------------------------------------------------------- hot parts
+class _AudioTrunk(nn.Module):
+    """The audio tower's ``features`` as a module of its own, for export (its weights are the tower's)."""
+
+    def __init__(self, audio: nn.Module) -> None:
+        super().__init__()
+        self.audio = audio
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        return self.audio.features(spec)
+
+
+@dataclass(frozen=True)
+class HotPart:
+    """What a tower exports: the module, an example input, its dynamic axes, and where the runtime goes."""
+
+    module: nn.Module
+    example: torch.Tensor
+    dynamic_axes: dict[int, str]
+    install: Callable[[nn.Module], None]
+
+
+def hot_part(model: nn.Module, tower: str) -> HotPart:
+    """The hot part of ``tower`` in an ``AudioCLIP`` model (see the module docstring)."""
+    if tower == "text":
+        text = model.text
+        width = text.positional_embedding.shape[1]
+        return HotPart(
+            text.transformer,
+            torch.randn(2, 8, width),
+            {0: "batch", 1: "length"},
+            lambda runtime: setattr(text, "transformer", runtime),
+        )
+    if tower == "image":
+        size = model.config.image_resolution
+        return HotPart(
+            model.visual,
+            torch.randn(2, 3, size, size),
+            {0: "batch"},
+            lambda runtime: setattr(model, "visual", runtime),
+        )
+    if tower == "audio":
+        audio = model.audio
+        with torch.inference_mode():
+            spec = audio.log_spectrogram(torch.randn(2, 1, 44100) * 3000.0).clone()
+        return HotPart(
+            _AudioTrunk(audio),
+            spec.contiguous(),
+            {0: "batch", 3: "frames"},
+            lambda runtime: setattr(audio, "features_runtime", runtime),
+        )
+    raise ValueError(f"unknown tower {tower!r}")
+
+
+class RuntimeGraph(nn.Module):
+    """A hot part run by another runtime: float32 tensor in, float32 tensor out (on the CPU)."""
+
+    def __init__(self, run: RunGraph, label: str) -> None:
+        super().__init__()
+        self.run = run
+        self.label = label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)))
+
+    def extra_repr(self) -> str:
+        return self.label
+
+
+# ---------------------------------------------------------------------------- graph files
+def _atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write through ``write(tmp_dir_path)`` then rename: concurrent replicas never read half a graph."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
+        staged = Path(tmp) / target.name
+        write(staged)
+        for produced in Path(tmp).iterdir():  # OpenVINO writes .xml and .bin
+            os.replace(produced, target.parent / produced.name)
+    return target
+
+
+def _export_onnx(part: HotPart, path: Path) -> None:
+    axes = {"x": part.dynamic_axes, "y": {0: part.dynamic_axes[0]}}
+    if 1 in part.dynamic_axes and part.example.ndim == 3:  # the text transformer keeps its length
+        axes["y"] = dict(part.dynamic_axes)
+    torch.onnx.export(
+        part.module,
+        (part.example,),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes=axes,
+        opset_version=18,
+    )
+
+
+def onnx_graph(part: HotPart, folder: Path, stem: str, int8: bool) -> Path:
+    """The cached fp32 ONNX graph of a hot part, and its dynamic-int8 version when asked for."""
+    fp32 = folder / f"{stem}.onnx"
+    if not fp32.exists():
+        _atomic_write(fp32, lambda staged: _export_onnx(part, staged))
+    if not int8:
+        return fp32
+    reduce_range = not cpu_has_vnni()
+    quantized = folder / f"{stem}.int8{'-rr' if reduce_range else ''}.onnx"
+    if not quantized.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        _atomic_write(
+            quantized,
+            lambda staged: quantize_dynamic(
+                fp32, staged, weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range
+            ),
+        )
+    return quantized
+
+
+def openvino_graph(part: HotPart, folder: Path, stem: str) -> Path:
+    """The cached OpenVINO IR (``.xml`` + ``.bin``) of a hot part, converted from the module itself."""
+    import openvino as ov
+
+    xml = folder / f"{stem}.xml"
+    if not xml.exists():
+        shape = [-1 if axis in part.dynamic_axes else size for axis, size in enumerate(part.example.shape)]
+        with torch.no_grad():
+            converted = ov.convert_model(
+                part.module, example_input=part.example, input=[ov.PartialShape(shape)]
+            )
+        _atomic_write(xml, lambda staged: ov.save_model(converted, staged, compress_to_fp16=False))
+    return xml
+
+
+# ---------------------------------------------------------------------------- sessions
+def onnxruntime_runner(path: Path, threads: int) -> RunGraph:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x})[0]
+
+
+def openvino_runner(path: Path, threads: int) -> RunGraph:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        str(path),
+        "CPU",
+        # f32 explicitly: on CPUs with AVX512-BF16 or AMX OpenVINO would otherwise run bf16.
+        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
+    )
+    request = compiled.create_infer_request()  # one forward at a time per tower (its executor)
+    return lambda x: np.array(request.infer([x])[0], copy=True)
+
+
+def use_backend(
+    model: nn.Module,
+    tower: str,
+    backend: str,
+    *,
+    weights_sha256: str,
+    threads: int,
+    int8: bool = False,
+    cache_dir: Path | None = None,
+) -> str:
+    """Swap ``tower``'s hot part in ``model`` for ``backend``'s graph; returns its path ('' for eager).
+
+    The model must be on the CPU in fp32 with ``running`` audio BatchNorm (the settings check this
+    before any replica starts; here it is asserted again, since a wrong graph is a wrong answer).
+    """
+    check_backend(tower, backend, int8)
+    if backend == "eager":
+        return ""
+    if model.device.type != "cpu":
+        raise ValueError(f"backend {backend} runs on the CPU; this model is on {model.device}")
+    if tower == "audio" and model.audio_norm != "running":
+        raise ValueError("backends other than eager need audio_norm running (per_clip is data-dependent)")
+    if getattr(model, "channels_last", False):
+        model.use_channels_last(False)  # the runtime picks its own layout; the export wants NCHW
+    part = hot_part(model, tower)
+    folder = (cache_dir or DEFAULT_CACHE_DIR) / weights_sha256[:32]
+    folded = "-folded" if getattr(model, "batchnorm_folded", False) else ""
+    stem = f"{tower}{folded}-v{GRAPH_FORMAT}-torch{torch.__version__.split('+')[0]}"
+    onnx = backend == "onnxruntime"
+    with warnings.catch_warnings():  # the exporters' deprecation notes are not the operator's business
+        warnings.simplefilter("ignore")
+        path = onnx_graph(part, folder, stem, int8) if onnx else openvino_graph(part, folder, stem)
+    runner = onnxruntime_runner(path, threads) if onnx else openvino_runner(path, threads)
+    part.install(RuntimeGraph(runner, f"{backend}{' int8' if int8 else ''}: {path.name}"))
+    return str(path)
