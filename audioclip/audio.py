@@ -185,7 +185,7 @@ class ESResNeXtFBSP(nn.Module):
             self.add_module(f"att{i}", Attention2d(cin, cout, kernel, padding))
         self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
         self.fbsp = LinearFBSP(out_features=n_fft // 2 + 1, in_features=n_fft)
-        self.features_runtime: nn.Module | None = None  # audioclip.backends puts another runtime here
+        self.frames_runtime: nn.Module | None = None  # embed_frames on another runtime (audioclip.backends)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         layers = [Bottleneck(self._inplanes, planes, stride)]
@@ -210,16 +210,28 @@ class ESResNeXtFBSP(nn.Module):
         fft_pad = self.n_fft - self.win_length
         return F.pad(frames, (fft_pad // 2, fft_pad - fft_pad // 2))
 
-    def log_spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
-        """``[B, C, N]`` int16-range audio -> ``[B*C, 3, 341, T]`` dB images (low, mid, high bands)."""
+    def waveform_frames(self, waveform: torch.Tensor) -> torch.Tensor:
+        """``[B, C, N]`` int16-range audio -> ``[B*C, T, n_fft]`` windowed frames of the [-1, 1] signal."""
         x = waveform.to(torch.float32).flatten(0, 1)
-        x = ((x - INT16_MIN) * 2.0) / (INT16_MAX - INT16_MIN) - 1.0
-        real, imag = self.fbsp(self.frames(x))  # [B*C, T, n_fft//2+1] each
+        return self.frames(((x - INT16_MIN) * 2.0) / (INT16_MAX - INT16_MIN) - 1.0)
+
+    def spectrogram(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[B*C, T, n_fft]`` frames -> ``[B*C, 3, 341, T]`` dB images (low, mid, high bands)."""
+        real, imag = self.fbsp(frames)  # [B*C, T, n_fft//2+1] each
         bins = 3 * ((self.n_fft // 2 + 1) // 3)
         power = real[..., :bins] ** 2 + imag[..., :bins] ** 2
         power = torch.where(power > 0, power, torch.full_like(power, LOG10_EPS))
         db = 10.0 * torch.log10(power)
         return db.transpose(1, 2).reshape(db.shape[0], 3, bins // 3, db.shape[1])
+
+    def log_spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
+        """``[B, C, N]`` int16-range audio -> ``[B*C, 3, 341, T]`` dB images."""
+        return self.spectrogram(self.waveform_frames(waveform))
+
+    def embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[B*C, T, n_fft]`` frames -> ``[B*C, 2048]`` features: nearly all of the tower's FLOPs, one
+        float tensor in and out (the part ``audioclip.backends`` hands to another runtime)."""
+        return self.features(self.spectrogram(frames))
 
     def features(self, spec: torch.Tensor) -> torch.Tensor:
         """``[B*C, 3, F, T]`` dB images -> ``[B*C, 2048]`` gated, pooled features."""
@@ -237,6 +249,6 @@ class ESResNeXtFBSP(nn.Module):
         if waveform.ndim != 3:
             raise ValueError(f"audio must be [B, C, N] or [B, N], got {list(waveform.shape)}")
         batch, channels = waveform.shape[:2]
-        trunk = self.features_runtime if self.features_runtime is not None else self.features
-        feats = trunk(self.log_spectrogram(waveform))
+        trunk = self.frames_runtime if self.frames_runtime is not None else self.embed_frames
+        feats = trunk(self.waveform_frames(waveform))
         return self.fc(feats.view(batch, channels, -1).sum(dim=1))

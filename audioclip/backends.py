@@ -2,9 +2,10 @@
 
 Each tower has one *hot part* that holds nearly all of its FLOPs and takes one float32 tensor:
 the text transformer (``[B, L, 512]`` -> ``[B, L, 512]``), the whole image tower (``[B, 3, 224,
-224]`` -> ``[B, 1024]``) and the audio tower's convolution trunk (``[B*C, 3, 341, T]`` dB images ->
-``[B*C, 2048]``). Everything around it (tokens, embeddings, the FBSP front end, the EOT gather, the
-projections) stays in PyTorch, so a runtime changes how the FLOPs run, never what is computed.
+224]`` -> ``[B, 1024]``) and the audio tower from its windowed frames (``[B*C, T, 2048]`` -> FBSP
+spectrogram -> convolution trunk -> ``[B*C, 2048]``). Everything around it (tokens, embeddings,
+framing, the EOT gather, the last projections) stays in PyTorch, so a runtime changes how the FLOPs
+run, never what is computed.
 
 The graph of a hot part is exported from the model as built (batch and length dynamic), once per
 checkpoint: graphs are cached under ``cache_dir / <weights sha256> /``, written atomically, and
@@ -46,7 +47,7 @@ FP32_TOWERS: dict[str, frozenset[str]] = {
     "openvino": frozenset({"text", "image", "audio"}),
 }
 INT8_TOWERS: dict[str, frozenset[str]] = {"onnxruntime": frozenset({"text"})}
-GRAPH_FORMAT = 1  # bump when the exported hot parts change, so stale cached graphs are not used
+GRAPH_FORMAT = 2  # bump when the exported hot parts change, so stale cached graphs are not used
 DEFAULT_CACHE_DIR = Path(os.environ.get("AUDIOCLIP_GRAPH_CACHE", "~/.cache/audioclip/graphs")).expanduser()
 
 RunGraph = Callable[[np.ndarray], np.ndarray]
@@ -73,24 +74,26 @@ def cpu_has_vnni() -> bool:
 
 
 # ---------------------------------------------------------------------------- hot parts
-class _AudioTrunk(nn.Module):
-    """The audio tower's ``features`` as a module of its own, for export (its weights are the tower's)."""
+class _AudioFrames(nn.Module):
+    """The audio tower's ``embed_frames`` as a module of its own, for export (its weights are the tower's)."""
 
     def __init__(self, audio: nn.Module) -> None:
         super().__init__()
         self.audio = audio
 
-    def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        return self.audio.features(spec)
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.audio.embed_frames(frames)
 
 
 @dataclass(frozen=True)
 class HotPart:
-    """What a tower exports: the module, an example input, its dynamic axes, and where the runtime goes."""
+    """What a tower exports: the module, an example input, the dynamic axes of its input and output,
+    and where the runtime goes."""
 
     module: nn.Module
     example: torch.Tensor
     dynamic_axes: dict[int, str]
+    output_axes: dict[int, str]
     install: Callable[[nn.Module], None]
 
 
@@ -103,6 +106,7 @@ def hot_part(model: nn.Module, tower: str) -> HotPart:
             text.transformer,
             torch.randn(2, 8, width),
             {0: "batch", 1: "length"},
+            {0: "batch", 1: "length"},
             lambda runtime: setattr(text, "transformer", runtime),
         )
     if tower == "image":
@@ -111,17 +115,20 @@ def hot_part(model: nn.Module, tower: str) -> HotPart:
             model.visual,
             torch.randn(2, 3, size, size),
             {0: "batch"},
+            {0: "batch"},
             lambda runtime: setattr(model, "visual", runtime),
         )
     if tower == "audio":
         audio = model.audio
         with torch.inference_mode():
-            spec = audio.log_spectrogram(torch.randn(2, 1, 44100) * 3000.0).clone()
+            frames = audio.waveform_frames(torch.randn(2, 1, 44100) * 3000.0).clone()
+            audio.fbsp.cached_weights()  # the filter bank enters the graph as a constant, built once
         return HotPart(
-            _AudioTrunk(audio),
-            spec.contiguous(),
-            {0: "batch", 3: "frames"},
-            lambda runtime: setattr(audio, "features_runtime", runtime),
+            _AudioFrames(audio),
+            frames.contiguous(),
+            {0: "batch", 1: "frames"},
+            {0: "batch"},
+            lambda runtime: setattr(audio, "frames_runtime", runtime),
         )
     raise ValueError(f"unknown tower {tower!r}")
 
@@ -154,9 +161,7 @@ def _atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
 
 
 def _export_onnx(part: HotPart, path: Path) -> None:
-    axes = {"x": part.dynamic_axes, "y": {0: part.dynamic_axes[0]}}
-    if 1 in part.dynamic_axes and part.example.ndim == 3:  # the text transformer keeps its length
-        axes["y"] = dict(part.dynamic_axes)
+    axes = {"x": part.dynamic_axes, "y": part.output_axes}
     torch.onnx.export(
         part.module,
         (part.example,),

@@ -32,15 +32,19 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from audioclip.backends import BACKENDS, FP32_TOWERS, INT8_TOWERS
 from audioclip.batching import pad_token_ids
+from audioclip.factory import TowerBuild, build_tower, digest_arrays
 from audioclip.model import AudioCLIP
 from audioclip.pipeline import pipelines
 from audioclip.synthetic import synthetic_state_dict
@@ -119,6 +123,9 @@ class Row:
     cpu_speedup: float | None = None
     max_rel_dev: float | None = None
     min_cos: float | None = None
+    gflop_per_call: float | None = None
+    gflop_per_s: float | None = None
+    share_of_matmul: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -382,6 +389,130 @@ def channels_last_copy(model: AudioCLIP, tower: str) -> dict[str, float]:
     return {"copied_mib": copied / 2**20, "conv_mib": sum(p.nbytes for p in convs.values()) / 2**20}
 
 
+# ---------------------------------------------------------------------------------------------- limits
+def _best_rate(matmul: Callable[[], object], n: int, calls: int) -> float:
+    matmul()
+    walls = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        matmul()
+        walls.append(time.perf_counter() - start)
+    return 2 * n**3 / min(walls) / 1e9
+
+
+def matmul_rates(threads: int, n: int = 2048, calls: int = 10) -> dict[str, float]:
+    """GFLOP/s of an ``n x n`` fp32 matmul on ``threads`` threads through each GEMM library at hand:
+    torch (MKL), numpy (OpenBLAS) and ONNX Runtime (MLAS). They differ by up to 2x on one CPU (MKL
+    takes a slower path on AMD CPUs), so the best of them is the machine's limit for the towers."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    an, bn = a.numpy(), b.numpy()
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "matmul",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
+    return {
+        "torch (MKL)": _best_rate(lambda: torch.mm(a, b), n, calls),
+        "numpy (OpenBLAS)": _best_rate(lambda: an @ bn, n, calls),
+        "onnxruntime (MLAS)": _best_rate(lambda: session.run(None, {"a": an, "b": bn}), n, calls),
+    }
+
+
+def flops_of(fn: Fn) -> float:
+    """FLOPs of one eager call (torch's FlopCounterMode: matmuls, convs, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def backend_models(state: dict, tower: str, threads: int, cache: Path) -> list[tuple[str, AudioCLIP]]:
+    """The served eager build, then each runtime ``audioclip.backends`` offers for the tower."""
+    sha256 = digest_arrays(state)
+    variants = [("eager (served default)", TowerBuild())]
+    for backend in BACKENDS[1:]:
+        if tower in FP32_TOWERS[backend]:
+            variants.append((f"{backend} fp32", TowerBuild(backend=backend)))
+        if tower in INT8_TOWERS.get(backend, ()):
+            variants.append((f"{backend} int8", TowerBuild(backend=backend, int8=True)))
+    built = []
+    for name, build in variants:
+        build = replace(build, threads=threads, graph_cache=str(cache))
+        started = time.perf_counter()
+        built.append((name, build_tower(state, tower, build, weights_sha256=sha256)))
+        log(f"    built {tower} {name} in {time.perf_counter() - started:.1f} s")
+    return built
+
+
+def bench_backends(
+    state: dict, batches: dict[str, Sequence[int]], rate: float, budget: Budget, cache: Path
+) -> list[Row]:
+    """Each tower on each runtime, whole tower calls (front end and projections included), with
+    the eager call's FLOPs turned into GFLOP/s and a share of the matmul rate."""
+    text_pipeline = pipelines()["text"]
+    inputs = {
+        "text": lambda b: [item.ids for item in text_pipeline.prepare_all(queries(b))],
+        "image": pixels,
+        "audio": clips,
+    }
+    encoders = {"text": "encode_token_ids", "image": "encode_image", "audio": "encode_audio"}
+
+    def call(model: AudioCLIP, tower: str, batch: int) -> Fn:
+        return functools.partial(getattr(model, encoders[tower]), inputs[tower](batch))
+
+    cases = {"text": "queries, 6-12 tokens", "image": "224x224 pixels", "audio": "5 s clips"}
+    rows = []
+    for tower in ("text", "image", "audio"):
+        models = backend_models(state, tower, torch.get_num_threads(), cache)
+        for batch in batches[tower]:
+            variants = [(name, call(model, tower, batch)) for name, model in models]
+            flops = flops_of(variants[0][1])
+            case_rows = bench_case(tower, f"backends: {cases[tower]}", batch, variants, budget)
+            for row in case_rows:
+                row.gflop_per_call = flops / 1e9
+                row.gflop_per_s = flops / 1e9 / (row.median_ms / 1e3)
+                row.share_of_matmul = row.gflop_per_s / rate
+            rows += case_rows
+    return rows
+
+
+def backends_table(rows: Sequence[Row], rates: dict[str, float]) -> str:
+    measured = ", ".join(f"{name} {value:.1f}" for name, value in rates.items())
+    lines = [
+        f"fp32 matmul 2048x2048 on {rows[0].threads if rows else '?'} threads, GFLOP/s: {measured}; "
+        f"the share below is of the best, {max(rates.values()):.1f}\n",
+        "| tower | batch | variant | ms/call | items/s | speed-up | GFLOP/call | GFLOP/s | of matmul rate "
+        "| max rel dev | min cos |",
+        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        cells = [
+            r.tower,
+            _fmt(r.batch, "d"),
+            r.variant,
+            _fmt(r.median_ms, ".1f"),
+            _fmt(r.items_per_s, ".3g"),
+            _fmt(r.speedup, ".2f", "x"),
+            _fmt(r.gflop_per_call, ".1f"),
+            _fmt(r.gflop_per_s, ".1f"),
+            _fmt(None if r.share_of_matmul is None else 100 * r.share_of_matmul, ".0f", " %"),
+            _fmt(r.max_rel_dev, ".1e"),
+            _fmt(r.min_cos, ".6f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "" if value is None else f"{value:{spec}}{suffix}"
@@ -444,6 +575,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--bf16-check", type=int, default=8, help="images for the bf16 accuracy check (0: skip)")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--only-backends", action="store_true", help="just the runtimes against the matmul rate")
+    p.add_argument("--backend-text-batches", type=int, nargs="*", default=[1, 32])
+    p.add_argument("--backend-image-batches", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--backend-audio-batches", type=int, nargs="*", default=[1, 4])
+    p.add_argument("--graph-cache", type=Path, help="exported graphs (default: a temporary folder)")
     return p.parse_args(argv)
 
 
@@ -471,7 +607,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     info = machine() | {"threads": torch.get_num_threads(), "load_before": os.getloadavg()}
     log(f"machine: {info}")
     started = time.perf_counter()
-    models = build_models(synthetic_state_dict("demo"))
+    state = synthetic_state_dict("demo")
+    rates = matmul_rates(torch.get_num_threads())
+    rate = max(rates.values())
+    log(f"fp32 matmul rates (GFLOP/s): {rates}")
+    with tempfile.TemporaryDirectory(prefix="graphs-") as tmp:
+        batches = {
+            "text": args.backend_text_batches,
+            "image": args.backend_image_batches,
+            "audio": args.backend_audio_batches,
+        }
+        backend_rows = bench_backends(state, batches, rate, budget, args.graph_cache or Path(tmp))
+    if args.only_backends:
+        print(backends_table(backend_rows, rates))
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {"machine": info, "matmul_gflop_s": rates, "backends": [asdict(r) for r in backend_rows]},
+                    indent=2,
+                )
+                + "\n"
+            )
+        return
+    models = build_models(state)
     copies = {
         "image": channels_last_copy(models["fp32_cl"], "visual"),
         "audio": channels_last_copy(models["audio_cl"], "audio"),
@@ -491,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{info['load_after'][0]:.2f}, wall {info['wall_s']:.0f} s\n"
     )
     print(markdown_table(rows) + "\n")
+    print(backends_table(backend_rows, rates) + "\n")
     for tower, c in copies.items():
         print(
             f"channels_last, {tower}: copied {c['copied_mib']:.1f} MiB "
@@ -508,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "rows": [asdict(r) for r in rows],
             "channels_last_copy": copies,
             "bf16_accuracy": bf16,
+            "matmul_gflop_s": rates,
+            "backends": [asdict(r) for r in backend_rows],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         log(f"wrote {args.json}")

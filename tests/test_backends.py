@@ -51,7 +51,7 @@ def test_fp32_backend_keeps_golden_parity(
     build = TowerBuild(backend=backend, threads=2, graph_cache=str(graph_cache))
     model = build_tower(shared_weights, tower, build, weights_sha256=shared_sha256)
     runtime = {"text": lambda: model.text.transformer, "image": lambda: model.visual}.get(
-        tower, lambda: model.audio.features_runtime
+        tower, lambda: model.audio.frames_runtime
     )()
     assert isinstance(runtime, RuntimeGraph) and backend in runtime.label  # the runtime really runs it
     ours, ref = golden_rows(model, tower, golden, manifest)
