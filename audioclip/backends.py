@@ -50,6 +50,10 @@ INT8_TOWERS: dict[str, frozenset[str]] = {"onnxruntime": frozenset({"text"})}
 GRAPH_FORMAT = 2  # bump when the exported hot parts change, so stale cached graphs are not used
 DEFAULT_CACHE_DIR = Path(os.environ.get("AUDIOCLIP_GRAPH_CACHE", "~/.cache/audioclip/graphs")).expanduser()
 
+# Whether idle ONNX Runtime threads spin before sleeping, by tower, where the settings leave it open:
+# measured served on 2 cores (docs/BENCHMARKS.md), text queries at c32 150 vs 123 items/s without
+# spinning (a short forward's spinning takes the router's cores), photos 19.5 vs 22.7 with it.
+SPIN_BY_TOWER = {"text": False, "image": True}
 RunGraph = Callable[[np.ndarray], np.ndarray]
 
 
@@ -148,6 +152,16 @@ class RuntimeGraph(nn.Module):
         return self.label
 
 
+def runtime_of(model: nn.Module, tower: str) -> RuntimeGraph | None:
+    """The runtime running ``tower``'s hot part in ``model``, or None where eager PyTorch runs it."""
+    part = {
+        "text": lambda: model.text.transformer,
+        "image": lambda: model.visual,
+        "audio": lambda: model.audio.frames_runtime,
+    }[tower]()
+    return part if isinstance(part, RuntimeGraph) else None
+
+
 # ---------------------------------------------------------------------------- graph files
 def _atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
     """Write through ``write(tmp_dir_path)`` then rename: concurrent replicas never read half a graph."""
@@ -211,13 +225,16 @@ def openvino_graph(part: HotPart, folder: Path, stem: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- sessions
-def onnxruntime_runner(path: Path, threads: int) -> RunGraph:
+def onnxruntime_runner(path: Path, threads: int, spin: bool) -> RunGraph:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads spin for a while before sleeping (ORT's default): lower latency alone, but
+    # on a small node that spinning takes the cores the router and proxy need between forwards.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"x": x})[0]
 
@@ -244,9 +261,11 @@ def use_backend(
     threads: int,
     int8: bool = False,
     cache_dir: Path | None = None,
+    spin: bool | None = None,
 ) -> str:
     """Swap ``tower``'s hot part in ``model`` for ``backend``'s graph; returns its path ('' for eager).
 
+    ``spin``: ONNX Runtime's idle threads spin before sleeping (None: ``SPIN_BY_TOWER``).
     The model must be on the CPU in fp32 with ``running`` audio BatchNorm (the settings check this
     before any replica starts; here it is asserted again, since a wrong graph is a wrong answer).
     """
@@ -267,6 +286,7 @@ def use_backend(
     with warnings.catch_warnings():  # the exporters' deprecation notes are not the operator's business
         warnings.simplefilter("ignore")
         path = onnx_graph(part, folder, stem, int8) if onnx else openvino_graph(part, folder, stem)
-    runner = onnxruntime_runner(path, threads) if onnx else openvino_runner(path, threads)
+    spin = SPIN_BY_TOWER.get(tower, True) if spin is None else spin
+    runner = onnxruntime_runner(path, threads, spin) if onnx else openvino_runner(path, threads)
     part.install(RuntimeGraph(runner, f"{backend}{' int8' if int8 else ''}: {path.name}"))
     return str(path)

@@ -72,6 +72,7 @@ class TowerBuild:
     int8: bool = False
     threads: int | None = None
     graph_cache: str | None = None  # None: audioclip.backends.DEFAULT_CACHE_DIR
+    spin_wait: bool | None = None  # onnxruntime's idle threads spin (None: backends.SPIN_BY_TOWER)
 
 
 def conv_layout(
@@ -118,6 +119,7 @@ def build_tower(
             threads=build.threads or torch.get_num_threads(),
             int8=build.int8,
             cache_dir=Path(build.graph_cache).expanduser() if build.graph_cache else None,
+            spin=build.spin_wait,
         )
         return model
     nhwc, fold = conv_layout(tower, device, build.channels_last, build.fold_batchnorm, model.audio_norm)

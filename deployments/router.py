@@ -23,6 +23,7 @@ from audioclip.pipeline import Options, Prepared
 from audioclip.windows import Pool, WindowSpec
 
 from . import http_api
+from .coalesce import Coalescer
 from .core import EMBED_DIM, EmbeddingCore, MixedCheckpoints, TowerAnswer, WindowRow
 from .errors import ITEM_ERRORS
 from .gate import Gate
@@ -93,12 +94,16 @@ class Router:
         self.tower_handles = towers
         self.pool = ThreadPoolExecutor(args.router.decode_threads, thread_name_prefix="decode")
         self.metrics = RouterMetrics()
+        batch_sizes = {name: args.tower(name).max_batch_size for name in towers}
+        self.coalescer = Coalescer(
+            HandleTowers(towers).embed_prepared, args.router.coalesce_calls, batch_sizes
+        )
         self.core = EmbeddingCore(
-            HandleTowers(towers),
+            self.coalescer,
             served=list(towers),
             pipelines=args.pipelines(),
             limits=args.limits.items,
-            chunk_sizes={name: args.tower(name).max_batch_size for name in towers},
+            chunk_sizes=batch_sizes,
             pool=self.pool,
             on_decoded=self.metrics.decoded,
             chunks_in_flight=args.router.chunks_in_flight,
@@ -186,8 +191,15 @@ class Router:
         return Embeddings(result.embeddings, result.checkpoint, result.usage_tokens, result.windows)
 
     def stats(self) -> dict:
-        """Requests in progress in this router replica (0 when idle: nothing leaked)."""
-        return {"inflight": self.gate.inflight, "pid": os.getpid()}
+        """Requests in progress in this router replica (0 when idle: nothing leaked), and the tower
+        requests and handle calls it made (fewer calls than requests: router-side batching)."""
+        stats = self.coalescer.stats
+        return {
+            "inflight": self.gate.inflight,
+            "pid": os.getpid(),
+            "requests": stats.requests,
+            "calls": stats.calls,
+        }
 
     # ------------------------------------------------------------------ for the HTTP layer
     def rejected(self, error_type: str) -> None:

@@ -103,6 +103,10 @@ class TowerSettings(_Replicated):
     )
     int8: bool = Field(False, description="dynamic int8 MatMuls (backend onnxruntime, text tower only)")
     graph_cache: str | None = Field(None, description="exported graphs' folder; default ~/.cache/audioclip")
+    spin_wait: bool | None = Field(
+        None,
+        description="onnxruntime's idle threads spin before sleeping; default: off for text, on for image",
+    )
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 x max_batch_size")
@@ -127,6 +131,7 @@ class TowerSettings(_Replicated):
             int8=self.int8,
             threads=self.torch_threads,
             graph_cache=self.graph_cache,
+            spin_wait=self.spin_wait,
         )
 
 
@@ -169,6 +174,12 @@ class RouterSettings(_Replicated):
     decode_threads: int = Field(2, ge=1, description="threads decoding images and audio")
     chunks_in_flight: int = Field(
         8, ge=1, description="tower batches of one request sent at once (bounds a long clip's copies)"
+    )
+    coalesce_calls: int = Field(
+        0,
+        ge=0,
+        description="router-side batching: calls in flight per tower before later requests share the next"
+        " one (deployments/coalesce.py); 0: one call per request",
     )
     fast_decode: bool = Field(False, description="JPEG draft-mode decoding of large photos (not bit-exact)")
     max_ongoing_requests: int = Field(256, ge=1)

@@ -13,7 +13,7 @@ import torch
 from conftest import max_rel, row_cosines
 
 import audioclip
-from audioclip.backends import FP32_TOWERS, INT8_TOWERS, RuntimeGraph, check_backend
+from audioclip.backends import FP32_TOWERS, INT8_TOWERS, RuntimeGraph, check_backend, runtime_of
 from audioclip.factory import TowerBuild, build_tower, digest_arrays
 
 FP32_CASES = [(b, t) for b, towers in FP32_TOWERS.items() if b != "eager" for t in sorted(towers)]
@@ -50,9 +50,7 @@ def test_fp32_backend_keeps_golden_parity(
 ):
     build = TowerBuild(backend=backend, threads=2, graph_cache=str(graph_cache))
     model = build_tower(shared_weights, tower, build, weights_sha256=shared_sha256)
-    runtime = {"text": lambda: model.text.transformer, "image": lambda: model.visual}.get(
-        tower, lambda: model.audio.frames_runtime
-    )()
+    runtime = runtime_of(model, tower)
     assert isinstance(runtime, RuntimeGraph) and backend in runtime.label  # the runtime really runs it
     ours, ref = golden_rows(model, tower, golden, manifest)
     rel, cosine = TOLERANCES[tower]
@@ -103,3 +101,22 @@ def test_backends_refuse_what_they_cannot_run(tower, backend, int8, message):
     with pytest.raises(ValueError, match=message):
         check_backend(tower, backend, int8)
     assert "text" in INT8_TOWERS["onnxruntime"]
+
+
+def test_export_script_fills_the_cache_ahead_of_serving(tmp_path, capsys):
+    """scripts/export_graphs.py writes the graph a replica of that checkpoint then loads."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "export_graphs.py"
+    spec = importlib.util.spec_from_file_location("export_graphs", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--checkpoint", "synthetic:demo", "--cache", str(tmp_path), "--tower", "text=onnxruntime"]
+    assert script.main(args) == 0
+    tower, label, _ = capsys.readouterr().out.strip().split("\t")
+    [graph] = tmp_path.glob("*/text-*.onnx")
+    assert (tower, label) == ("text", f"onnxruntime: {graph.name}")
+    with pytest.raises(SystemExit):
+        script.main(["--checkpoint", "synthetic:demo", "--tower", "audio=onnxruntime"])
+    assert "not the audio tower" in capsys.readouterr().err

@@ -49,6 +49,12 @@ def test_conv_layout_defaults():
         ({"text": {"channels_last": True}}, "image and audio"),
         ({"text": {"fold_batchnorm": True}}, "image and audio"),
         ({"audio_norm": "per_clip", "audio": {"fold_batchnorm": True}}, "per_clip"),
+        ({"audio": {"backend": "onnxruntime"}}, "onnxruntime runs fp32 for image, text, not the audio"),
+        ({"image": {"backend": "onnxruntime", "int8": True}}, "int8 for text, not the image"),
+        ({"text": {"int8": True}}, "eager runs int8 for no tower"),
+        ({"text": {"backend": "openvino", "num_gpus": 0.5}}, "runs fp32 on the CPU"),
+        ({"image": {"backend": "onnxruntime", "dtype": "fp16"}}, "runs fp32 on the CPU"),
+        ({"audio_norm": "per_clip", "audio": {"backend": "openvino"}}, "needs audio_norm 'running'"),
     ],
 )
 def test_layout_settings_that_cannot_apply_are_refused_when_the_app_is_built(args, message):

@@ -82,8 +82,8 @@ def role_of(pid: int, client_pids: set[int], ours: set[int] | None) -> str:
     match = re.search(r"ServeReplica:[^:\s]+:(\w+)", line)
     if match:
         return match.group(1)
-    if "ProxyActor" in line:
-        return "proxy"
+    if "ProxyActor" in line or os.path.basename(line.split(" ", 1)[0]) == "haproxy":
+        return "proxy"  # Serve's Python proxy, or the HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1)
     if "ServeController" in line:
         return "controller"
     if ours is not None or "ray" in line:
