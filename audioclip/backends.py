@@ -169,7 +169,8 @@ def _atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
         staged = Path(tmp) / target.name
         write(staged)
-        for produced in Path(tmp).iterdir():  # OpenVINO writes .xml and .bin
+        # OpenVINO writes .xml and .bin: the file that is looked for (``target``) goes in last
+        for produced in sorted(Path(tmp).iterdir(), key=lambda path: path.name == target.name):
             os.replace(produced, target.parent / produced.name)
     return target
 

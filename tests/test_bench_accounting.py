@@ -88,3 +88,24 @@ def test_wait_ready_fails_fast_when_the_server_process_exits():
         wait_ready(url, 60, proc)
     with pytest.raises(TimeoutError, match="not 200 after"):
         wait_ready(url, timeout_s=0.5)  # nobody listens: the tests' call, without a process
+
+
+def test_request_path_targets_read_the_right_cases():
+    """The performance issue's ratios come from c1 (against raw batch 1), the top concurrency and the
+    best full request (against raw's best batch); CPU counts the proxy and the router only."""
+    from audioclip_serve.bench.report import request_path_targets
+
+    c1 = ServedResult("http", "queries", "text", 1, 1, requests=10, x_raw_b1=0.9, x_raw_max=0.2)
+    c32 = ServedResult(
+        "http", "queries", "text", 1, 32, requests=10, x_raw_b1=2.0, x_raw_max=0.7,
+        cpu_ms_per_request={"proxy": 1.5, "Router": 2.0, "TextEncoder": 30.0},
+    )  # fmt: skip
+    full = [
+        ServedResult("http", "queries", "text", 32, c, requests=5, items_per_s=v, x_raw_max=r)
+        for c, v, r in ((1, 100.0, 0.6), (8, 150.0, 0.97))
+    ]
+    handle = ServedResult("handle", "queries", "text", 1, 32, requests=10, x_raw_max=0.99)
+    targets = request_path_targets([c1, c32, *full, handle], "queries", 32)
+    assert [t.measured for t in targets] == [0.9, 0.7, 0.97, 3.5]
+    assert [t.met for t in targets] == [True, False, True, True]
+    assert targets[2].detail == "best at c8"

@@ -116,8 +116,30 @@ def find(results: Sequence[ServedResult], **where: Any) -> ServedResult | None:
     return None
 
 
+def request_path_targets(results: Sequence[ServedResult], kind: str, top: int) -> list[Target]:
+    """The later performance issue's targets for texts: served/raw at c1 (raw batch 1) and at ``top``
+    (raw's best batch), for single items and for full requests, and the CPU of proxy + router."""
+    one = find(results, path="http", kind=kind, items=1, concurrency=1)
+    many = find(results, path="http", kind=kind, items=1, concurrency=top)
+    full = [r for r in results if r.path == "http" and r.kind == kind and r.items > 1 and not r.skipped]
+    best = max(full, key=lambda r: r.items_per_s) if full else None
+
+    def leading_cpu(r: ServedResult | None) -> float | None:
+        return None if r is None else sum(r.cpu_ms_per_request.get(role, 0.0) for role in LEADING_ROLES)
+
+    return [
+        Target("served / raw b1, single items, c1", kind, one and one.x_raw_b1, 0.80, True, "raw batch 1"),
+        Target(f"served / raw bmax, 1 item, c{top}", kind, many and many.x_raw_max, 0.75, True, "raw max"),
+        Target(
+            "served / raw bmax, full requests", kind, best and best.x_raw_max, 0.95, True,
+            f"best at c{best.concurrency}" if best else "not run",
+        ),
+        Target(f"proxy + router CPU ms per request, c{top}", kind, leading_cpu(many), 5.0, False, "1 item"),
+    ]  # fmt: skip
+
+
 def evaluate_targets(results: Sequence[ServedResult], kinds: Sequence[str], top: int) -> list[Target]:
-    """The performance issue's targets, on the HTTP path."""
+    """The performance issues' targets, on the HTTP path."""
     targets = []
     for kind in kinds:
         modality = KINDS[kind].modality
@@ -145,6 +167,7 @@ def evaluate_targets(results: Sequence[ServedResult], kinds: Sequence[str], top:
             targets.append(
                 Target(f"text c{top} / c1 (dynamic batching)", kind, ratio, 3.0, True, "single-item")
             )
+            targets += request_path_targets(results, kind, top)
         one = find(results, path="http", kind=kind, items=1, concurrency=1)
         targets.append(
             Target(
