@@ -62,21 +62,47 @@ class Cluster:
         return httpx.get(f"{self.url}/v1/models", timeout=60).json()
 
 
+# Left out of the nodes' Python: the cluster config's runtime_env `pip` list has to bring it, or the
+# routers cannot tokenize and the app never becomes ready.
+SHIPPED_BY_PIP = "ftfy"
+
+
 def bare_python(workdir: Path) -> Path:
-    """A Python with the project's dependencies but not the project: a venv whose one ``.pth`` line
-    adds this venv's site-packages (Python runs no ``.pth`` file found there, so the project's
-    editable-install hook never loads), as a node image with Ray and torch but no audioclip."""
+    """A Python with the project's dependencies but neither the project nor ``SHIPPED_BY_PIP``: a
+    venv whose one ``.pth`` line adds a folder of links to this venv's site-packages, all but that
+    package's (Python runs no ``.pth`` file found there, so the project's editable-install hook never
+    loads), as a node image with Ray and torch but no audioclip."""
     bare = workdir / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    dependencies = workdir / "dependencies"
+    dependencies.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if entry.name.split("-")[0].lower() != SHIPPED_BY_PIP:
+            (dependencies / entry.name).symlink_to(entry)
     site = next((bare / "lib").glob("python3*/site-packages"))
-    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (site / "dependencies.pth").write_text(f"{dependencies}\n")
     python = bare / "bin" / "python"
-    probe = "import ray, torch, av\ntry:\n import audioclip\nexcept ImportError: print('absent')"
+    probe = (
+        "import ray, torch, av\n"
+        f"for name in ('audioclip', '{SHIPPED_BY_PIP}'):\n"
+        "    try:\n        __import__(name)\n    except ImportError:\n        print('absent', name)"
+    )
     result = subprocess.run(
         [str(python), "-c", probe], cwd=workdir, capture_output=True, text=True, timeout=120, env=_node_env()
     )
-    assert result.stdout.strip() == "absent", result.stdout + result.stderr
+    assert result.stdout.split("\n")[:2] == ["absent audioclip", f"absent {SHIPPED_BY_PIP}"], (
+        result.stdout + result.stderr
+    )
     return python
+
+
+def shipped_runtime_env(app_zip: Path) -> dict:
+    """``configs/cluster.yaml``'s runtime_env as shipped (its ``pip`` list), with the test's zip as
+    the working_dir."""
+    cluster_config = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
+    runtime_env = cluster_config["applications"][0]["runtime_env"]
+    assert any(p.startswith(SHIPPED_BY_PIP) for p in runtime_env["pip"]["packages"])
+    return {**runtime_env, "working_dir": app_zip.as_uri()}
 
 
 def _node_env() -> dict:
@@ -87,8 +113,9 @@ def _node_env() -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """``ray start --head`` from a Python without the project; ``serve deploy`` ships the code in the
-    config's ``runtime_env`` (a working_dir zip made by ``scripts/package_app.py``)."""
+    """``ray start --head`` from a Python without the project and one of its dependencies; ``serve
+    deploy`` ships the code (a working_dir zip made by ``scripts/package_app.py``) and installs the
+    missing dependency (the cluster config's ``pip`` list) through the config's ``runtime_env``."""
     workdir = tmp_path_factory.mktemp("elastic")
     python = bare_python(workdir)
     app_zip = workdir / "audioclip-serve-app.zip"
@@ -113,7 +140,7 @@ def cluster(tmp_path_factory):
     config = yaml.safe_load((ROOT / "configs" / "autoscale.yaml").read_text())
     config["http_options"]["port"] = http_port
     app = config["applications"][0]
-    app["runtime_env"] = {"working_dir": app_zip.as_uri()}
+    app["runtime_env"] = shipped_runtime_env(app_zip)
     # With an application runtime_env, Serve keeps a deployment's replicas through a later
     # `deployments:` override only if that deployment was overridden from the first deploy on.
     app["deployments"] = [
