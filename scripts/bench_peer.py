@@ -69,7 +69,9 @@ async def run_case(
         )
     latencies.sort()
 
-    def pct(q: float) -> float:
+    def pct(q: float) -> float | None:
+        if not latencies:  # every request failed: no latency to report
+            return None
         return round(1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)
 
     return {
@@ -96,7 +98,10 @@ def table(rows: list[dict], our_raw: dict[int, float], peer_raw: dict[int, float
         "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
 
-    def span(values: list[float], spec: str = ".1f") -> str:
+    def span(values: list[float | None], spec: str = ".1f") -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return ""
         lo, hi = min(values), max(values)
         return f"{lo:{spec}}" if f"{lo:{spec}}" == f"{hi:{spec}}" else f"{lo:{spec}}-{hi:{spec}}"
 
@@ -104,7 +109,7 @@ def table(rows: list[dict], our_raw: dict[int, float], peer_raw: dict[int, float
         case = [r for r in rows if r["items"] == items and r["concurrency"] == conc]
         ours = [r["ours"]["items_per_s"] for r in case]
         peer = [r["peer"]["items_per_s"] for r in case]
-        ratio = [o / p for o, p in zip(ours, peer, strict=True)]
+        ratio = [o / p if p else None for o, p in zip(ours, peer, strict=True)]
         raw_batch = 1 if items == 1 and conc == 1 else 32
         ours_raw = span([o / our_raw[raw_batch] for o in ours], ".2f") if raw_batch in our_raw else ""
         peer_r = span([p / peer_raw[raw_batch] for p in peer], ".2f") if raw_batch in peer_raw else ""
@@ -163,17 +168,16 @@ def main() -> int:
             "our_raw": our_raw,
             "peer_raw": peer_raw,
         }
-        report["median_ours_over_peer"] = {
-            f"x{i} c{c}": round(
-                statistics.median(
-                    r["ours"]["items_per_s"] / r["peer"]["items_per_s"]
-                    for r in rows
-                    if (r["items"], r["concurrency"]) == (i, c)
-                ),
-                3,
+        report["median_ours_over_peer"] = {}
+        for i, c in CASES:
+            ratios = [
+                r["ours"]["items_per_s"] / r["peer"]["items_per_s"]
+                for r in rows
+                if (r["items"], r["concurrency"]) == (i, c) and r["peer"]["items_per_s"]
+            ]
+            report["median_ours_over_peer"][f"x{i} c{c}"] = (
+                round(statistics.median(ratios), 3) if ratios else None
             )
-            for i, c in CASES
-        }
         args.json.write_text(json.dumps({**report, "rows": rows}, indent=2) + "\n")
     return 0
 
