@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Forwards on one intra-op thread for this test. Two threads split a batch-1 forward inside the
+    sample and a larger batch across samples, and that rounding differs by ~3e-4 relative for the
+    audio tower on some CPUs (an Intel Xeon with AVX-512 here; 2e-7 on one thread): a test that
+    compares one item alone with the same item among batch-mates compares only the batch-mates so."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict[str, np.ndarray]:
     with np.load(GOLDEN / "golden.npz") as data:

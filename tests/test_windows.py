@@ -141,7 +141,7 @@ def test_window_limits_refuse_before_the_tower_is_called(towers):
     assert info.value.reason == "audio_too_long"
 
 
-def test_a_windowed_rank_query_gives_a_timeline(towers, model):
+def test_a_windowed_rank_query_gives_a_timeline(towers, model, one_torch_thread):
     core = _core(towers)
 
     async def scales(sha256: str) -> dict:
