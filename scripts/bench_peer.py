@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audioclip_serve.bench.common import ROOT, log
@@ -67,19 +69,15 @@ async def run_case(
         latencies, answered, errors, elapsed = await closed_loop(
             send, concurrency, seconds, 1_000_000, f"{url} x{items} c{concurrency}"
         )
-    latencies.sort()
-
-    def pct(q: float) -> float | None:
-        if not latencies:  # every request failed: no latency to report
-            return None
-        return round(1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)
+    # the same percentiles as bench.py's served rows (audioclip_serve.bench.report.summarize)
+    p50, p99 = (round(float(np.percentile(latencies, q)) * 1e3, 1) if latencies else None for q in (50, 99))
 
     return {
         "items_per_s": round(answered / elapsed, 2),
         "requests": len(latencies),
         "errors": dict(errors),
-        "p50_ms": pct(0.5),
-        "p99_ms": pct(0.99),
+        "p50_ms": p50,
+        "p99_ms": p99,
     }
 
 
