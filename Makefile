@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 DEMO_ENV := RAY_AUTH_MODE=token RAY_SERVE_SLOW_STARTUP_WARNING_S=120 RAY_SERVE_ENABLE_HA_PROXY=1
 
 demo: $(STAMP)
-	$(DEMO_ENV) $(BIN)/serve run configs/demo.yaml
+	$(DEMO_ENV) $(BIN)/serve run --address local configs/demo.yaml
 
 serve: $(STAMP)
 	scripts/download_full.sh
