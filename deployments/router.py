@@ -16,13 +16,14 @@ import numpy as np
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
+from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from audioclip.errors import InvalidInputError
 from audioclip.pipeline import Options, Prepared
 from audioclip.windows import Pool, WindowSpec
 
-from . import http_api
+from . import grpc_api, http_api
 from .coalesce import Coalescer
 from .core import EMBED_DIM, EmbeddingCore, MixedCheckpoints, TowerAnswer, WindowRow
 from .errors import ITEM_ERRORS
@@ -189,6 +190,17 @@ class Router:
             options = Options(truncate, windows)
             result = await self.core.embed(modality, items, normalize=normalize, options=options)
         return Embeddings(result.embeddings, result.checkpoint, result.usage_tokens, result.windows)
+
+    # ------------------------------------------------------------------ gRPC API (audioclip.v1.AudioClip)
+    # Named as the RPCs of audioclip_serve/protos/audioclip.proto: Serve's gRPC ingress calls them.
+    async def EmbedText(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await grpc_api.answer(self, request, grpc_context, grpc_api.text(self, request))
+
+    async def EmbedImage(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await grpc_api.answer(self, request, grpc_context, grpc_api.image(self, request))
+
+    async def EmbedAudio(self, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await grpc_api.answer(self, request, grpc_context, grpc_api.audio(self, request))
 
     def stats(self) -> dict:
         """Requests in progress in this router replica (0 when idle: nothing leaked), and the tower

@@ -66,10 +66,13 @@ def rayservice() -> dict:
             {"containerPort": 6379, "name": "gcs"},
             {"containerPort": 8265, "name": "dashboard"},
             {"containerPort": 8000, "name": "serve"},
+            {"containerPort": 9000, "name": "serve-grpc"},
         ],
     )
     worker = _container(
-        "ray-worker", {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "1"}, [{"containerPort": 8000}]
+        "ray-worker",
+        {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "1"},
+        [{"containerPort": 8000}, {"containerPort": 9000}],
     )
     return {
         "apiVersion": "ray.io/v1",

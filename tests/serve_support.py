@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 from audioclip_serve.bench.serveapp import free_port, wait_ready
 
-__all__ = ["ENV_KEY_VAR", "TEST_ARGS", "free_port", "wait_ready"]
+__all__ = ["ALARMS", "ENV_KEY_VAR", "TEST_ARGS", "LogWatch", "free_port", "wait_ready"]
+
+# What must never appear in a replica's log for a client's mistake.
+ALARMS = re.compile(r"\bERROR\b|Traceback|CRITICAL|exception was never retrieved")
 
 # An API key that only the environment carries, for the router's ``api_key_env``: set before any
 # test starts its Ray cluster, so every replica (a child of that cluster) inherits it.
@@ -30,6 +35,31 @@ TEST_ARGS = {
         "max_windowed_audio_seconds": 120.0,
     },
 }
+
+
+class LogWatch:
+    """New lines in the cluster's log files (Serve's replica logs, workers' stdout and stderr)."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.root = Path(ray._private.worker._global_node.get_logs_dir_path())
+        self.offsets = {path: path.stat().st_size for path in self._files()}
+
+    def _files(self) -> list[Path]:
+        return [
+            *self.root.glob("serve/*.log"),
+            *self.root.glob("worker-*.out"),
+            *self.root.glob("worker-*.err"),
+        ]
+
+    def new_lines(self) -> list[str]:
+        lines = []
+        for path in self._files():
+            with path.open("rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                lines += f.read().decode(errors="replace").splitlines()
+        return lines
 
 
 def namespaces_available() -> bool:

@@ -78,7 +78,8 @@ def test_the_cluster_config_ships_the_code_and_every_dependency_but_the_runtime(
         }
     assert runtime_env["working_dir"].endswith("audioclip-serve-app.zip")
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    runtime = ("torch", "torchvision", "ray")  # what every node of a Ray cluster already runs
+    # what every node of a Ray cluster already runs (grpcio and protobuf come with ray[serve])
+    runtime = ("torch", "torchvision", "ray", "grpcio", "protobuf")
     expected = sorted(d.split(";")[0].strip() for d in declared if not d.startswith(runtime))
     assert sorted(runtime_env["pip"]["packages"]) == expected
     [production] = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]

@@ -30,10 +30,12 @@ def readme_snippets() -> list[tuple[str, str]]:
     return blocks
 
 
-def run_readme_snippets(port: int, tmp_path: Path) -> None:
-    """Run the README's examples as a user would, against the demo on ``port``."""
+def run_readme_snippets(port: int, grpc_target: str, tmp_path: Path) -> None:
+    """Run the README's examples as a user would, against the demo on ``port`` (HTTP) and
+    ``grpc_target`` (its gRPC ingress)."""
+    printed = []
     for n, (language, code) in enumerate(readme_snippets()):
-        code = code.replace("localhost:8000", f"127.0.0.1:{port}")
+        code = code.replace("localhost:8000", f"127.0.0.1:{port}").replace("localhost:9000", grpc_target)
         code = code.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
         code = re.sub(r" -o (\S+)", lambda m: f" -o {tmp_path / m.group(1)}", code)  # outputs go to tmp
         if language == "bash":
@@ -54,6 +56,9 @@ def run_readme_snippets(port: int, tmp_path: Path) -> None:
             f"README block {n} ({language}) failed:\n{code}\n{result.stderr[-2000:]}"
         )
         assert '"error"' not in result.stdout, f"README block {n} answered an error:\n{result.stdout[:500]}"
+        printed.append(result.stdout)
+    assert "(2, 1024) 1" in "".join(printed)  # the gRPC block: two texts, one photo
+    assert "INVALID_ARGUMENT undecodable at item 1" in "".join(printed)  # and its refused photo
     assert np.load(tmp_path / "emb.npy").shape == (1, 1024)
     inputs = ROOT / "tests" / "data" / "golden" / "inputs"
     photos = sorted(p for p in inputs.iterdir() if p.suffix in (".jpg", ".png"))
@@ -92,6 +97,7 @@ def test_serve_run_demo_config(tmp_path):
         body = r.json()
         assert body["model"] == "audioclip-demo" and len(body["embeddings"][0]) == 1024
         assert httpx.get(f"{app.url}/v1/models", timeout=60).json()["weights"] == "synthetic"
-        run_readme_snippets(app.port, tmp_path)
+        assert app.grpc_target is not None, "the demo config lost its gRPC ingress"
+        run_readme_snippets(app.port, app.grpc_target, tmp_path)
     finally:
         app.stop()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 import statistics
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -25,14 +23,13 @@ from media_files import encode_audio, tone_scene
 from PIL import Image
 from ray import serve
 from ray.serve.api import RunTarget
-from serve_support import TEST_ARGS, free_port, wait_ready
+from serve_support import ALARMS, TEST_ARGS, LogWatch, free_port, wait_ready
 
 import audioclip
 from audioclip.pipeline import ImageItem, TextItem
 from deployments.app import build_app
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
-ALARMS = re.compile(r"\bERROR\b|Traceback|CRITICAL|exception was never retrieved")
 
 
 @pytest.fixture(scope="module")
@@ -43,29 +40,6 @@ def base_url():
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
-
-
-class LogWatch:
-    """New lines in the cluster's log files (Serve's replica logs, workers' stdout and stderr)."""
-
-    def __init__(self) -> None:
-        self.root = Path(ray._private.worker._global_node.get_logs_dir_path())
-        self.offsets = {path: path.stat().st_size for path in self._files()}
-
-    def _files(self) -> list[Path]:
-        return [
-            *self.root.glob("serve/*.log"),
-            *self.root.glob("worker-*.out"),
-            *self.root.glob("worker-*.err"),
-        ]
-
-    def new_lines(self) -> list[str]:
-        lines = []
-        for path in self._files():
-            with path.open("rb") as f:
-                f.seek(self.offsets.get(path, 0))
-                lines += f.read().decode(errors="replace").splitlines()
-        return lines
 
 
 def test_readyz_answers_at_once_while_a_tower_cannot_start(base_url):

@@ -18,12 +18,19 @@ from .report import ServedResult, add_ratios, summarize
 
 
 def plan_cases(args: argparse.Namespace, kinds: Sequence[str]) -> list[Case]:
-    """HTTP: every kind x items x concurrency; handle: single-item ``--handle-kinds`` at the extreme
-    concurrencies."""
+    """HTTP: every kind x items x concurrency; gRPC: ``--grpc-kinds`` x items at the extreme
+    concurrencies; handle: single-item ``--handle-kinds`` at the extreme concurrencies."""
     cases = [
         Case("http", kind, items, conc) for kind in kinds for items in args.items for conc in args.concurrency
     ]
     extremes = sorted({min(args.concurrency), max(args.concurrency)})
+    cases += [
+        Case("grpc", kind, items, conc)
+        for kind in args.grpc_kinds
+        if kind in kinds
+        for items in args.items
+        for conc in extremes
+    ]
     cases += [
         Case("handle", kind, 1, conc) for kind in args.handle_kinds if kind in kinds for conc in extremes
     ]
@@ -53,6 +60,7 @@ def run_cases(
     inputs: dict[str, list],
     url: str,
     ray_address: str | None,
+    grpc_target: str | None,
     raw: dict[tuple[str, int], RawResult],
     root_pid: int | None,
     settings: Any,
@@ -70,6 +78,8 @@ def run_cases(
             )
             if case.path == "handle" and ray_address is None:
                 reason = "no Ray address for the handle API"
+            if case.path == "grpc" and grpc_target is None:
+                reason = "no gRPC ingress (the config has no grpc_options)"
             if reason:
                 log(f"[{n}/{len(cases)}] {label(case)}: skipped ({reason})")
                 results.append(
@@ -84,11 +94,9 @@ def run_cases(
                 )
                 continue
             if case.path not in workers:
+                target = {"http": url, "grpc": grpc_target}.get(case.path, ray_address)
                 workers[case.path] = LoadPool(
-                    case.path,
-                    inputs_path,
-                    url if case.path == "http" else str(ray_address),
-                    args.load_processes if case.path == "http" else 1,
+                    case.path, inputs_path, str(target), args.load_processes if case.path != "handle" else 1
                 )
                 meter.client_pids.update(workers[case.path].pids)
             log(f"[{n}/{len(cases)}] {label(case)}")

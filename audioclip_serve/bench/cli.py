@@ -58,6 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kinds", type=str_list, default=list(KINDS), help="inputs: " + ",".join(KINDS))
     p.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="requests in flight (1,8,32)")
     p.add_argument("--items", type=int_list, default=[1, 32], help="items per request (1,32)")
+    p.add_argument("--grpc-kinds", type=str_list, default=["queries", "photo"], help="gRPC ingress cases")
+    p.add_argument("--grpc-target", help="with --url: the app's gRPC ingress (host:port)")
     p.add_argument("--handle-kinds", type=str_list, default=["queries", "photo"], help="handle API cases")
     p.add_argument("--seconds", type=float, default=8.0, help="issue requests for this long per case (8)")
     p.add_argument("--max-requests", type=int, default=2000, help="requests per case at most (2000)")
@@ -82,6 +84,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="HTTP load processes sharing each case's concurrency (1; more where one client saturates)",
     )
+    p.add_argument(
+        "--serve-env",
+        type=str_list,
+        default=[],
+        help="KEY=VALUE,... set for serve run and its cluster only (a lever on/off), not for this driver",
+    )
     p.add_argument("--no-raw", action="store_true", help="skip raw timing (no ratios, no skip estimates)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
     quick = "smoke run (~4 min): queries, photo, clip5; c1,32; single items; 5 s cases"
@@ -92,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.kinds = [k for k in args.kinds if k in ("queries", "photo", "clip5")]
         args.concurrency, args.items, args.seconds, args.raw_seconds = [1, 32], [1], 5.0, 2.0
-        args.handle_kinds = ["queries"]
+        args.handle_kinds = args.grpc_kinds = ["queries"]
     return args
 
 
@@ -119,15 +127,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         app: ServeApp | None = None
         if args.url:
             url, ray_address, ready_s = args.url.rstrip("/"), args.ray_address, 0.0
+            grpc_target = args.grpc_target
             wait_ready(url, args.ready_timeout)
         else:
-            app = ServeApp(args.config, workdir, args.ready_timeout)
+            extra_env = dict(pair.split("=", 1) for pair in args.serve_env)
+            app = ServeApp(args.config, workdir, args.ready_timeout, extra_env)
             app.start()
             url, ray_address, ready_s = app.url, app.gcs_address(), app.ready_s
+            grpc_target = app.grpc_target
         code_served = git_state()  # the replicas imported the serving code in between
         try:
             root_pid = app.proc.pid if app is not None and app.proc is not None else None
-            served = run_cases(cases, args, inputs_path, inputs, url, ray_address, raw, root_pid, settings)
+            served = run_cases(
+                cases, args, inputs_path, inputs, url, ray_address, grpc_target, raw, root_pid, settings
+            )
         finally:
             if app is not None:
                 app.stop()

@@ -1,4 +1,5 @@
-"""Load generation: closed-loop HTTP (aiohttp) and handle-API clients in separate processes."""
+"""Load generation: closed-loop HTTP (aiohttp), gRPC (grpc.aio) and handle-API clients in separate
+processes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from .common import APP, log
 from .inputs import KINDS, batch_of
@@ -23,7 +25,7 @@ TIMING_HEADERS = ("total", "preprocess", "queue", "inference")  # the router's x
 
 @dataclass(frozen=True)
 class Case:
-    path: str  # "http" or "handle"
+    path: str  # "http", "grpc" or "handle"
     kind: str
     items: int
     concurrency: int
@@ -94,7 +96,7 @@ async def closed_loop(
 
 
 class HttpError(Exception):
-    """A non-200 answer."""
+    """A non-200 answer (over gRPC: a code other than OK)."""
 
 
 async def run_http(
@@ -135,6 +137,51 @@ async def run_http(
     return LoadResult(lat, items, dict(errors), elapsed, check[0] if check else "", means)
 
 
+def grpc_request(kind: str, items: list) -> tuple[str, Any]:
+    """The RPC and request message carrying ``items``."""
+    from audioclip_serve.protos import audioclip_pb2 as pb
+
+    modality = KINDS[kind].modality
+    if modality == "text":
+        return "EmbedText", pb.TextRequest(texts=items)
+    if modality == "image":
+        return "EmbedImage", pb.ImageRequest(images=items)
+    return "EmbedAudio", pb.AudioRequest(clips=items)
+
+
+async def run_grpc(
+    case: Case, target: str, pool: list, seconds: float, max_requests: int, warmup: bool
+) -> LoadResult:
+    """One case over Serve's gRPC ingress (one HTTP/2 channel, as a gRPC client keeps);
+    ``warmup``: a single untimed request instead."""
+    import grpc
+
+    from audioclip_serve.protos import audioclip_pb2_grpc as pb_grpc
+
+    requests = [grpc_request(case.kind, batch_of(pool, i * case.items, case.items)) for i in range(4)]
+    check: list[str] = []
+    unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(target, options=unlimited) as channel:
+        stub = pb_grpc.AudioClipStub(channel)
+
+        async def send(index: int) -> int:
+            rpc, message = requests[index % len(requests)]
+            try:
+                reply = await getattr(stub, rpc)(message, metadata=(("application", APP),))
+            except grpc.aio.AioRpcError as err:
+                raise HttpError(err.code().name) from None
+            if not check:
+                check.append(f"{reply.rows}x{reply.dim}")
+            return reply.rows
+
+        if warmup:
+            seconds, max_requests = 3600.0, 1
+        lat, items, errors, elapsed = await closed_loop(
+            send, case.concurrency, seconds, max_requests, label(case)
+        )
+    return LoadResult(lat, items, dict(errors), elapsed, check[0] if check else "")
+
+
 async def run_handle(case: Case, pool: list, seconds: float, max_requests: int, warmup: bool) -> LoadResult:
     """One case through the handle API from this Ray driver; ``warmup``: a single untimed request."""
     from ray import serve
@@ -161,7 +208,8 @@ async def run_handle(case: Case, pool: list, seconds: float, max_requests: int, 
 
 def load_worker(conn: Connection, mode: str, inputs_path: str, target: str) -> None:
     """A load process: receives ``(case, seconds, max_requests, warmup)``, answers a ``LoadResult``;
-    None ends it. ``target`` is the app URL (http) or the Ray GCS address (handle)."""
+    None ends it. ``target`` is the app URL (http), the gRPC ``host:port`` (grpc) or the Ray GCS
+    address (handle)."""
     with open(inputs_path, "rb") as f:
         inputs = pickle.load(f)
     if mode == "handle":
@@ -173,6 +221,8 @@ def load_worker(conn: Connection, mode: str, inputs_path: str, target: str) -> N
         pool = inputs[case.kind]
         if mode == "http":
             result = asyncio.run(run_http(case, target, pool, seconds, max_requests, warmup))
+        elif mode == "grpc":
+            result = asyncio.run(run_grpc(case, target, pool, seconds, max_requests, warmup))
         else:
             result = asyncio.run(run_handle(case, pool, seconds, max_requests, warmup))
         conn.send(result)

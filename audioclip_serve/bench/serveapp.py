@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from .common import ROOT, log
 from .meter import descendants, gcs_address, start_time
 
@@ -24,13 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(source: Path, port: int, directory: Path) -> Path:
-    """A copy of the serve config with the HTTP port replaced."""
-    import yaml
+def write_config(source: Path, port: int, directory: Path, grpc_port: int | None = None) -> Path:
+    """A copy of the serve config with the HTTP port (and the gRPC one, if it has ``grpc_options``)
+    replaced."""
 
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {})["port"] = port
     config["http_options"].setdefault("host", "127.0.0.1")
+    if grpc_port is not None and "grpc_options" in config:
+        config["grpc_options"]["port"] = grpc_port
     path = directory / source.name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -70,10 +74,15 @@ class ServeApp:
     """``serve run`` of a temp copy of a config on a free port; stopped by SIGINT (serve shutdown),
     then any leftover process of its cluster is ended by pid."""
 
-    def __init__(self, config: Path, workdir: Path, ready_timeout_s: float) -> None:
-        self.port = free_port()
-        self.config = write_config(config, self.port, workdir)
+    def __init__(
+        self, config: Path, workdir: Path, ready_timeout_s: float, env: dict[str, str] | None = None
+    ) -> None:
+        self.extra_env = env or {}  # a lever under test, for the app's processes only (not this driver)
+        self.port, grpc_port = free_port(), free_port()
+        self.config = write_config(config, self.port, workdir, grpc_port)
         self.url = f"http://127.0.0.1:{self.port}"
+        has_grpc = "grpc_options" in (yaml.safe_load(self.config.read_text()) or {})
+        self.grpc_target = f"127.0.0.1:{grpc_port}" if has_grpc else None
         self.log_path = workdir / "serve_run.log"
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
@@ -92,7 +101,7 @@ class ServeApp:
         log(f"starting: {' '.join(command)} (log: {self.log_path})")
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=self.env()
+                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**self.env(), **self.extra_env}
             )
         try:
             self.ready_s = wait_ready(self.url, self.ready_timeout_s, self.proc)
