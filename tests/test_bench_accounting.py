@@ -109,3 +109,26 @@ def test_request_path_targets_read_the_right_cases():
     assert [t.measured for t in targets] == [0.9, 0.7, 0.97, 3.5]
     assert [t.met for t in targets] == [True, False, True, True]
     assert targets[2].detail == "best at c8"
+
+
+def test_serve_env_is_parsed_as_key_value_pairs():
+    """--serve-env names environment variables, not input kinds; a malformed pair is refused."""
+    from audioclip_serve.bench.cli import parse_args
+
+    args = parse_args(["--serve-env", "RAY_A=1,RAY_B=x=y", "--kinds", "queries"])
+    assert args.serve_env == {"RAY_A": "1", "RAY_B": "x=y"}
+    with pytest.raises(SystemExit):
+        parse_args(["--serve-env", "RAY_A"])
+
+
+def test_make_demo_sets_the_benchmarked_serve_environment():
+    """The benchmark measures what `make demo` serves: its Serve variables are the bench's SERVE_ENV."""
+    from audioclip_serve.bench.serveapp import SERVE_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "demo"], cwd=root, capture_output=True, text=True, check=True)
+    line = next(x for x in dry.stdout.splitlines() if "serve run " in x)
+    demo_env = dict(w.split("=", 1) for w in line.split() if "=" in w and w.startswith("RAY_SERVE_"))
+    assert demo_env == {k: v for k, v in SERVE_ENV.items() if k.startswith("RAY_SERVE_")} | {
+        "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"
+    }

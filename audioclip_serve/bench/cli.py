@@ -48,6 +48,15 @@ def str_list(text: str) -> list[str]:
     return names
 
 
+def env_pairs(text: str) -> dict[str, str]:
+    """``KEY=VALUE,...`` as a dict (a value holds no comma)."""
+    pairs = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [pair for pair in pairs if "=" not in pair or not pair.split("=", 1)[0]]
+    if bad:
+        raise argparse.ArgumentTypeError(f"not KEY=VALUE: {bad}")
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="benchmark a running app at this URL instead of starting one")
@@ -86,8 +95,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--serve-env",
-        type=str_list,
-        default=[],
+        type=env_pairs,
+        default={},
         help="KEY=VALUE,... set for serve run and its cluster only (a lever on/off), not for this driver",
     )
     p.add_argument("--no-raw", action="store_true", help="skip raw timing (no ratios, no skip estimates)")
@@ -130,8 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grpc_target = args.grpc_target
             wait_ready(url, args.ready_timeout)
         else:
-            extra_env = dict(pair.split("=", 1) for pair in args.serve_env)
-            app = ServeApp(args.config, workdir, args.ready_timeout, extra_env)
+            app = ServeApp(args.config, workdir, args.ready_timeout, args.serve_env)
             app.start()
             url, ray_address, ready_s = app.url, app.gcs_address(), app.ready_s
             grpc_target = app.grpc_target
