@@ -95,6 +95,15 @@ async def closed_loop(
     return latencies, state["items"], errors, time.perf_counter() - started
 
 
+async def drive(
+    send: Callable[[int], Awaitable[int]], case: Case, seconds: float, max_requests: int, warmup: bool
+) -> tuple[list[float], int, Counter, float]:
+    """``closed_loop`` for one case; ``warmup``: a single untimed request instead."""
+    if warmup:
+        seconds, max_requests = 3600.0, 1
+    return await closed_loop(send, case.concurrency, seconds, max_requests, label(case))
+
+
 class HttpError(Exception):
     """A non-200 answer (over gRPC: a code other than OK)."""
 
@@ -127,11 +136,7 @@ async def run_http(
                     check.append(f"{len(rows)}x{len(rows[0])}")
                 return case.items
 
-        if warmup:
-            seconds, max_requests = 3600.0, 1
-        lat, items, errors, elapsed = await closed_loop(
-            send, case.concurrency, seconds, max_requests, label(case)
-        )
+        lat, items, errors, elapsed = await drive(send, case, seconds, max_requests, warmup)
     n = server.pop("n", 0) or 1
     means = {key: round(total / n, 2) for key, total in server.items()}
     return LoadResult(lat, items, dict(errors), elapsed, check[0] if check else "", means)
@@ -174,11 +179,7 @@ async def run_grpc(
                 check.append(f"{reply.rows}x{reply.dim}")
             return reply.rows
 
-        if warmup:
-            seconds, max_requests = 3600.0, 1
-        lat, items, errors, elapsed = await closed_loop(
-            send, case.concurrency, seconds, max_requests, label(case)
-        )
+        lat, items, errors, elapsed = await drive(send, case, seconds, max_requests, warmup)
     return LoadResult(lat, items, dict(errors), elapsed, check[0] if check else "")
 
 
@@ -198,11 +199,7 @@ async def run_handle(case: Case, pool: list, seconds: float, max_requests: int, 
             check.append("x".join(str(d) for d in out.shape))
         return len(out)
 
-    if warmup:
-        seconds, max_requests = 3600.0, 1
-    lat, items, errors, elapsed = await closed_loop(
-        send, case.concurrency, seconds, max_requests, label(case)
-    )
+    lat, items, errors, elapsed = await drive(send, case, seconds, max_requests, warmup)
     return LoadResult(lat, items, dict(errors), elapsed, check[0] if check else "")
 
 
