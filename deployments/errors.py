@@ -96,6 +96,15 @@ class Unavailable(ServiceError):
     status, type = 503, "unavailable"
 
 
+class InternalError(ServiceError):
+    """Our fault, not the client's: answered without details (the server log has the traceback)."""
+
+    status, type = 500, "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__("internal error; see the server log")
+
+
 class ItemError(ServiceError):
     """A library ``InvalidInputError``, answered by its row in ``ITEM_ERRORS``."""
 

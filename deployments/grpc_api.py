@@ -8,7 +8,6 @@ HTTP API's JSON error body as its details, so a client tells the reasons apart t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,12 +21,12 @@ from audioclip.windows import WindowSpec
 from audioclip_serve.protos import audioclip_pb2 as pb
 
 from .core import EMBED_DIM, Embedded
-from .errors import BadRequest, PayloadTooLarge, ServiceError
-from .http_api import Service, as_service_error
+from .errors import PayloadTooLarge, ServiceError
+from .http_api import Service, triaged
+from .schemas import window_spec
 
-logger = logging.getLogger("ray.serve")
-
-# Every HTTP status the service answers with (errors.ERROR_STATUSES; a test checks), as a gRPC code.
+# Every HTTP status the service answers with (errors.ERROR_STATUSES and InternalError's 500; a test
+# checks), as a gRPC code.
 # 413 and the overload 503 are RESOURCE_EXHAUSTED, as gRPC's own message-size limit and Serve's own
 # backpressure are; a restarting replica or a rollout is UNAVAILABLE (retry).
 GRPC_CODES: dict[int, grpc.StatusCode] = {
@@ -37,6 +36,7 @@ GRPC_CODES: dict[int, grpc.StatusCode] = {
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     422: grpc.StatusCode.INVALID_ARGUMENT,
+    500: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
 }
 _CODE_BY_TYPE = {"overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -81,7 +81,7 @@ async def answer(
     embed: Callable[[], Awaitable[Embedded]],
 ) -> pb.EmbedReply:
     """The one path of every RPC: key, body size, admission, ``embed()``, and every failure turned
-    into its status (an unexpected one is logged and answered INTERNAL, without a traceback)."""
+    into its status by the HTTP API's own triage (an unexpected one: INTERNAL, no traceback sent)."""
     try:
         service.gate.authorize(metadata(context, "authorization"))
         limit = service.args.limits.max_body_bytes
@@ -89,18 +89,8 @@ async def answer(
             raise PayloadTooLarge(f"request is over the limit of {limit} bytes")
         with service.gate.admit():
             return reply(service, await embed())
-    except Exception as err:
-        error = as_service_error(err)
-        if error is None:
-            logger.exception("internal error")
-            error = ServiceError("internal error; see the server log")
-            error.type = "internal_error"
-            context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details(orjson.dumps(error.body()).decode())
-            return pb.EmbedReply()
-        service.rejected(error.type)
-        logger.info("refused (gRPC): %d %s: %s", error.status, error.type, error.message)
-        return refuse(context, error)
+    except Exception as err:  # noqa: BLE001 - every failure is answered: triaged says how
+        return refuse(context, triaged(err))
 
 
 def text(service: Service, request: pb.TextRequest) -> Callable[[], Awaitable[Embedded]]:
@@ -116,15 +106,15 @@ def image(service: Service, request: pb.ImageRequest) -> Callable[[], Awaitable[
 
 def audio(service: Service, request: pb.AudioRequest) -> Callable[[], Awaitable[Embedded]]:
     async def embed() -> Embedded:
-        windows = None
-        if request.HasField("window_s"):
-            hop = request.hop_s if request.HasField("hop_s") else None
-            windows = WindowSpec(request.window_s, hop, request.pool or "mean")  # validates: 400
-        elif request.HasField("hop_s") or request.pool:
-            raise BadRequest("hop_s and pool apply to windows: give window_s too")
-        options = Options(windows=windows)
+        given = {"pool"} if request.pool else set()
+        windows = window_spec(  # validates, as for HTTP: 400
+            request.window_s if request.HasField("window_s") else None,
+            request.hop_s if request.HasField("hop_s") else None,
+            request.pool or WindowSpec.pool,
+            given=given,
+        )
         return await service.core.embed(
-            "audio", list(request.clips), normalize=request.normalize, options=options
+            "audio", list(request.clips), normalize=request.normalize, options=Options(windows=windows)
         )
 
     return embed

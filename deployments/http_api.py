@@ -42,6 +42,7 @@ from .core import EMBED_DIM, Embedded, EmbeddingCore, MixedCheckpoints, Timings,
 from .errors import (
     ERROR_STATUSES,
     BadRequest,
+    InternalError,
     ItemError,
     Overloaded,
     ServiceError,
@@ -148,22 +149,21 @@ def as_service_error(err: Exception) -> ServiceError | None:
     return None
 
 
-async def _answer_error(request: Request, err: Exception) -> Response:
+def triaged(err: Exception) -> ServiceError:
+    """What the client is told of ``err`` (HTTP and gRPC alike), logged once: an internal error with
+    its traceback (the operator's alarm), a refusal at INFO and counted (the client's mistake)."""
     error = as_service_error(err)
     if error is None:
         logger.exception("internal error")
-        body = {
-            "error": {
-                "type": "internal_error",
-                "message": "internal error; see the server log",
-                "index": None,
-            }
-        }
-        return JSONResponse(body, status_code=500)
+        return InternalError()
     if _BOUND:
         current().rejected(error.type)
     logger.info("refused: %d %s: %s", error.status, error.type, error.message)  # Serve adds the request id
-    return error.response()
+    return error
+
+
+async def _answer_error(request: Request, err: Exception) -> Response:
+    return triaged(err).response()
 
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> Response:

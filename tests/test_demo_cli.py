@@ -57,8 +57,9 @@ def run_readme_snippets(port: int, grpc_target: str, tmp_path: Path) -> None:
         )
         assert '"error"' not in result.stdout, f"README block {n} answered an error:\n{result.stdout[:500]}"
         printed.append(result.stdout)
-    assert "(2, 1024) 1" in "".join(printed)  # the gRPC block: two texts, one photo
-    assert "INVALID_ARGUMENT undecodable at item 1" in "".join(printed)  # and its refused photo
+    out = "".join(printed)
+    assert "(2, 1024) 1" in out  # the gRPC block: two texts, one photo
+    assert "INVALID_ARGUMENT undecodable at item 1" in out  # and its refused photo
     assert np.load(tmp_path / "emb.npy").shape == (1, 1024)
     inputs = ROOT / "tests" / "data" / "golden" / "inputs"
     photos = sorted(p for p in inputs.iterdir() if p.suffix in (".jpg", ".png"))

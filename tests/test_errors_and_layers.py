@@ -28,6 +28,32 @@ def test_an_item_error_answers_with_its_row(reason):
     assert error.body() == {"error": {"type": ITEM_ERRORS[reason].type, "message": "item 3: why", "index": 3}}
 
 
+def test_triage_answers_a_client_mistake_as_itself_and_ours_as_500(caplog):
+    """One triage for HTTP and gRPC: a refusal is logged at INFO, our own fault at ERROR with its
+    traceback, and the client is told only that it was internal."""
+    import logging
+
+    from deployments.errors import BadRequest
+    from deployments.http_api import triaged
+
+    mistake = BadRequest("no such field")
+    serve_logger = logging.getLogger("ray.serve")  # Serve's logger does not propagate to caplog's
+    serve_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="ray.serve"):
+            assert triaged(mistake) is mistake
+            ours = triaged(RuntimeError("a bug"))
+    finally:
+        serve_logger.removeHandler(caplog.handler)
+    assert ours.status == 500 and ours.body()["error"]["type"] == "internal_error"
+    assert "a bug" not in ours.message
+    levels = {r.levelname: r for r in caplog.records}
+    assert levels["INFO"].getMessage().startswith("refused: 400 bad_request")
+    assert levels["ERROR"].exc_info is not None
+    response = ours.response()
+    assert response.status_code == 500 and b"internal error; see the server log" in response.body
+
+
 def _imports(path: Path, package: str) -> set[str]:
     """Modules of ``package`` that ``path`` imports at run time (TYPE_CHECKING blocks excluded)."""
     tree = ast.parse(path.read_text())

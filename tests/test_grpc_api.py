@@ -25,7 +25,7 @@ from audioclip.errors import Reason
 from audioclip_serve.protos import audioclip_pb2 as pb
 from audioclip_serve.protos import audioclip_pb2_grpc as pb_grpc
 from deployments.app import build_app
-from deployments.errors import ERROR_STATUSES, ITEM_ERRORS, Overloaded, Unavailable
+from deployments.errors import ERROR_STATUSES, ITEM_ERRORS, InternalError, Overloaded, Unavailable
 from deployments.grpc_api import GRPC_CODES, refuse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_generated_modules_are_current():
 
 
 def test_every_error_status_has_a_grpc_code():
-    assert set(GRPC_CODES) == set(ERROR_STATUSES)
+    assert set(GRPC_CODES) == set(ERROR_STATUSES) | {InternalError.status}
     assert {status.code for status in ITEM_ERRORS.values()} <= set(GRPC_CODES)
     assert set(ITEM_ERRORS) == set(Reason)
 
@@ -66,6 +66,17 @@ def test_overload_and_restart_keep_their_meaning():
     assert busy.code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy.trailing == [("retry-after", "2")]
     assert restarting.code == grpc.StatusCode.UNAVAILABLE
     assert json.loads(busy.details)["error"]["type"] == "overloaded"
+
+
+def test_an_internal_error_is_internal_and_tells_nothing_more():
+    ours = FakeContext()
+    refuse(ours, InternalError())
+    assert ours.code == grpc.StatusCode.INTERNAL
+    assert json.loads(ours.details)["error"] == {
+        "type": "internal_error",
+        "message": "internal error; see the server log",
+        "index": None,
+    }
 
 
 @pytest.fixture(scope="module")

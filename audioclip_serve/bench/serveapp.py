@@ -26,18 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(source: Path, port: int, directory: Path, grpc_port: int | None = None) -> Path:
-    """A copy of the serve config with the HTTP port (and the gRPC one, if it has ``grpc_options``)
-    replaced."""
+def write_config(source: Path, port: int, directory: Path, grpc_port: int) -> tuple[Path, bool]:
+    """A copy of the serve config with the HTTP port and, where it has ``grpc_options``, the gRPC
+    port replaced; and whether it has them."""
 
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {})["port"] = port
     config["http_options"].setdefault("host", "127.0.0.1")
-    if grpc_port is not None and "grpc_options" in config:
+    has_grpc = "grpc_options" in config
+    if has_grpc:
         config["grpc_options"]["port"] = grpc_port
     path = directory / source.name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return path, has_grpc
 
 
 def http_status(url: str, timeout: float = 10.0) -> int | None:
@@ -87,9 +88,8 @@ class ServeApp:
     ) -> None:
         self.extra_env = env or {}  # a lever under test, for the app's processes only (not this driver)
         self.port, grpc_port = free_port(), free_port()
-        self.config = write_config(config, self.port, workdir, grpc_port)
+        self.config, has_grpc = write_config(config, self.port, workdir, grpc_port)
         self.url = f"http://127.0.0.1:{self.port}"
-        has_grpc = "grpc_options" in (yaml.safe_load(self.config.read_text()) or {})
         self.grpc_target = f"127.0.0.1:{grpc_port}" if has_grpc else None
         self.log_path = workdir / "serve_run.log"
         self.ready_timeout_s = ready_timeout_s
@@ -109,7 +109,7 @@ class ServeApp:
         log(f"starting: {' '.join(command)} (log: {self.log_path})")
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**self.env(), **self.extra_env}
+                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=self.env()
             )
         try:
             self.ready_s = wait_ready(self.url, self.ready_timeout_s, self.proc)
@@ -119,11 +119,11 @@ class ServeApp:
             raise
         log(f"app ready at {self.url} after {self.ready_s:.0f} s")
 
-    @staticmethod
-    def env() -> dict[str, str]:
-        """This process's environment, with the project importable for the replicas and the serving
-        environment ``make demo`` uses (``SERVE_ENV``) where this one does not set those variables."""
-        env = {**SERVE_ENV, **os.environ}
+    def env(self) -> dict[str, str]:
+        """This process's environment, with the project importable for the replicas, the serving
+        environment ``make demo`` uses (``SERVE_ENV``) where this one does not set those variables,
+        and the lever under test over both."""
+        env = {**SERVE_ENV, **os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
