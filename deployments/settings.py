@@ -101,7 +101,7 @@ class TowerSettings(_Replicated):
         description="runtime of the tower's heavy part (audioclip.backends): eager PyTorch, onnxruntime"
         " (text, image) or openvino (text, image, audio); CPU, fp32, graphs cached by checkpoint sha256",
     )
-    int8: bool = Field(False, description="dynamic int8 MatMuls (backend onnxruntime, text tower only)")
+    int8: bool = Field(False, description="int8 on onnxruntime: dynamic for text, calibrated QDQ for image")
     graph_cache: str | None = Field(None, description="exported graphs' folder; default ~/.cache/audioclip")
     spin_wait: bool | None = Field(
         None,

@@ -50,7 +50,7 @@ def test_conv_layout_defaults():
         ({"text": {"fold_batchnorm": True}}, "image and audio"),
         ({"audio_norm": "per_clip", "audio": {"fold_batchnorm": True}}, "per_clip"),
         ({"audio": {"backend": "onnxruntime"}}, "onnxruntime runs fp32 for image, text, not the audio"),
-        ({"image": {"backend": "onnxruntime", "int8": True}}, "int8 for text, not the image"),
+        ({"audio": {"backend": "onnxruntime", "int8": True}}, "int8 for image, text, not the audio"),
         ({"text": {"int8": True}}, "eager runs int8 for no tower"),
         ({"text": {"backend": "openvino", "num_gpus": 0.5}}, "runs fp32 on the CPU"),
         ({"image": {"backend": "onnxruntime", "dtype": "fp16"}}, "runs fp32 on the CPU"),
