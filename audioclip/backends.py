@@ -29,6 +29,7 @@ openvino       text, image, audio    -
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -201,7 +202,12 @@ def onnx_graph(part: HotPart, folder: Path, stem: str, int8: bool) -> Path:
     reduce_range = not cpu_has_vnni()
     quantized = folder / f"{stem}.int8{'-rr' if reduce_range else ''}.onnx"
     if not quantized.exists():
-        _atomic_write(quantized, lambda staged: _quantize(fp32, staged, part, reduce_range))
+        # the quantizer advises "pre-processing" on the root logger at WARNING: not the operator's business
+        logging.disable(logging.WARNING)
+        try:
+            _atomic_write(quantized, lambda staged: _quantize(fp32, staged, part, reduce_range))
+        finally:
+            logging.disable(logging.NOTSET)
     return quantized
 
 
