@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .image_input import CLIP_MEAN, CLIP_STD
+
 Backend = Literal["eager", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 FP32_TOWERS: dict[str, frozenset[str]] = {
@@ -102,6 +104,7 @@ class HotPart:
     dynamic_axes: dict[int, str]
     output_axes: dict[int, str]
     install: Callable[[nn.Module], None]
+    calibration: Callable[[], np.ndarray] | None = None  # int8 inputs for static quantization, else dynamic
 
 
 def hot_part(model: nn.Module, tower: str) -> HotPart:
@@ -124,6 +127,7 @@ def hot_part(model: nn.Module, tower: str) -> HotPart:
             {0: "batch"},
             {0: "batch"},
             lambda runtime: setattr(model, "visual", runtime),
+            lambda: calibration_pictures(size=size),
         )
     if tower == "audio":
         audio = model.audio
@@ -202,13 +206,19 @@ def onnx_graph(part: HotPart, folder: Path, stem: str, int8: bool) -> Path:
     reduce_range = not cpu_has_vnni()
     quantized = folder / f"{stem}.int8{'-rr' if reduce_range else ''}.onnx"
     if not quantized.exists():
-        # the quantizer advises "pre-processing" on the root logger at WARNING: not the operator's business
-        logging.disable(logging.WARNING)
+        root = logging.getLogger()
+        root.addFilter(_quantizer_advice)
         try:
             _atomic_write(quantized, lambda staged: _quantize(fp32, staged, part, reduce_range))
         finally:
-            logging.disable(logging.NOTSET)
+            root.removeFilter(_quantizer_advice)
     return quantized
+
+
+def _quantizer_advice(record: logging.LogRecord) -> bool:
+    """Drop the quantizer's own root-logger notes ("consider pre-processing"): not the operator's
+    business. Only records logged on the root logger pass here; everything else is untouched."""
+    return "onnxruntime" not in Path(record.pathname).parts
 
 
 def calibration_pictures(count: int = 32, size: int = 224, seed: int = 0) -> np.ndarray:
@@ -218,14 +228,14 @@ def calibration_pictures(count: int = 32, size: int = 224, seed: int = 0) -> np.
     fields = torch.from_numpy(rng.uniform(0.0, 1.0, (count, 3, 7, 7)))
     pictures = nn.functional.interpolate(fields, size=size, mode="bicubic", align_corners=False).numpy()
     pictures = (pictures + rng.normal(0.0, 0.05, pictures.shape)).clip(0.0, 1.0)
-    mean = np.array([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    std = np.array([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    mean, std = (np.array(values)[:, None, None] for values in (CLIP_MEAN, CLIP_STD))
     return ((pictures - mean) / std).astype(np.float32)
 
 
 def _quantize(fp32: Path, staged: Path, part: HotPart, reduce_range: bool) -> None:
-    """Dynamic int8 for a transformer (its activations vary per query), static QDQ for the conv
-    image tower (ConvInteger, dynamic int8's conv, is slower than fp32 in ONNX Runtime)."""
+    """Static QDQ where the hot part brings calibration inputs (the conv image tower: dynamic int8's
+    ConvInteger is slower than fp32, docs/BENCHMARKS.md), dynamic MatMuls otherwise (the text
+    transformer)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -235,11 +245,11 @@ def _quantize(fp32: Path, staged: Path, part: HotPart, reduce_range: bool) -> No
     )
 
     common = {"weight_type": QuantType.QInt8, "per_channel": True, "reduce_range": reduce_range}
-    if part.example.dim() != 4:
+    if part.calibration is None:
         quantize_dynamic(fp32, staged, **common)
         return
-    pictures = calibration_pictures(size=part.example.shape[-1])
-    feeds = iter([{"x": pictures[i : i + 4]} for i in range(0, len(pictures), 4)])
+    inputs = part.calibration()
+    feeds = iter([{"x": inputs[i : i + 4]} for i in range(0, len(inputs), 4)])
 
     class Batches(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
