@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from audioclip.backends import BACKENDS, FP32_TOWERS, INT8_TOWERS
+from audioclip.backends import BACKENDS, FP32_TOWERS, INT8_TOWERS, hot_part
 from audioclip.batching import pad_token_ids
 from audioclip.factory import TowerBuild, build_tower, digest_arrays
 from audioclip.model import AudioCLIP
@@ -126,6 +126,7 @@ class Row:
     gflop_per_call: float | None = None
     gflop_per_s: float | None = None
     share_of_matmul: float | None = None
+    first_call_s: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -174,6 +175,7 @@ class Samples:
     wall: list[float]
     cpu: list[float]
     output: object = None
+    first_call_s: float = 0.0  # the untimed warm-up: where a lazy runtime (torch.compile) builds
 
 
 def time_variants(variants: Sequence[tuple[str, Fn]], budget: Budget) -> dict[str, Samples]:
@@ -183,8 +185,11 @@ def time_variants(variants: Sequence[tuple[str, Fn]], budget: Budget) -> dict[st
     """
     samples = {name: Samples([], []) for name, _ in variants}
     for name, fn in variants:
-        for _ in range(max(budget.warmup, 1)):
-            samples[name].output = fn()
+        started = time.perf_counter()
+        samples[name].output = fn()
+        samples[name].first_call_s = time.perf_counter() - started
+        for _ in range(budget.warmup - 1):
+            fn()
 
     def due(name: str) -> bool:
         wall = samples[name].wall
@@ -220,6 +225,7 @@ def bench_case(
             cpu_ms=1e3 * statistics.median(s.cpu),
             iters=len(s.wall),
             load1=load1,
+            first_call_s=s.first_call_s,
         )
         for name, s in results.items()
     ]
@@ -436,8 +442,20 @@ def flops_of(fn: Fn) -> float:
     return float(counter.get_total_flops())
 
 
-def backend_models(state: dict, tower: str, threads: int, cache: Path) -> list[tuple[str, AudioCLIP]]:
-    """The served eager build, then each runtime ``audioclip.backends`` offers for the tower."""
+def compiled_eager(state: dict, tower: str, build: TowerBuild) -> AudioCLIP:
+    """The eager build with its hot part under ``torch.compile`` (inductor, static shapes: each
+    batch shape compiles on its first call, which the warm-up absorbs and the row reports)."""
+    model = build_tower(state, tower, build)
+    part = hot_part(model, tower)
+    part.install(torch.compile(part.module, backend="inductor", dynamic=False))
+    return model
+
+
+def backend_models(
+    state: dict, tower: str, threads: int, cache: Path, compile_eager: bool = False
+) -> list[tuple[str, AudioCLIP]]:
+    """The served eager build, then each runtime ``audioclip.backends`` offers for the tower (and
+    eager under torch.compile, which is measured but not offered)."""
     sha256 = digest_arrays(state)
     variants = [("eager (served default)", TowerBuild())]
     for backend in BACKENDS[1:]:
@@ -451,11 +469,18 @@ def backend_models(state: dict, tower: str, threads: int, cache: Path) -> list[t
         started = time.perf_counter()
         built.append((name, build_tower(state, tower, build, weights_sha256=sha256)))
         log(f"    built {tower} {name} in {time.perf_counter() - started:.1f} s")
+    if compile_eager:
+        built.append(("torch.compile (inductor)", compiled_eager(state, tower, TowerBuild(threads=threads))))
     return built
 
 
 def bench_backends(
-    state: dict, batches: dict[str, Sequence[int]], rate: float, budget: Budget, cache: Path
+    state: dict,
+    batches: dict[str, Sequence[int]],
+    rate: float,
+    budget: Budget,
+    cache: Path,
+    compile_eager: bool = False,
 ) -> list[Row]:
     """Each tower on each runtime, whole tower calls (front end and projections included), with
     the eager call's FLOPs turned into GFLOP/s and a share of the matmul rate."""
@@ -472,8 +497,8 @@ def bench_backends(
 
     cases = {"text": "queries, 6-12 tokens", "image": "224x224 pixels", "audio": "5 s clips"}
     rows = []
-    for tower in ("text", "image", "audio"):
-        models = backend_models(state, tower, torch.get_num_threads(), cache)
+    for tower in batches:
+        models = backend_models(state, tower, torch.get_num_threads(), cache, compile_eager)
         for batch in batches[tower]:
             variants = [(name, call(model, tower, batch)) for name, model in models]
             flops = flops_of(variants[0][1])
@@ -492,8 +517,8 @@ def backends_table(rows: Sequence[Row], rates: dict[str, float]) -> str:
         f"fp32 matmul 2048x2048 on {rows[0].threads if rows else '?'} threads, GFLOP/s: {measured}; "
         f"the share below is of the best, {max(rates.values()):.1f}\n",
         "| tower | batch | variant | ms/call | items/s | speed-up | GFLOP/call | GFLOP/s | of matmul rate "
-        "| max rel dev | min cos |",
-        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| max rel dev | min cos | first call s |",
+        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         cells = [
@@ -508,6 +533,7 @@ def backends_table(rows: Sequence[Row], rates: dict[str, float]) -> str:
             _fmt(None if r.share_of_matmul is None else 100 * r.share_of_matmul, ".0f", " %"),
             _fmt(r.max_rel_dev, ".1e"),
             _fmt(r.min_cos, ".6f"),
+            _fmt(r.first_call_s, ".1f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -580,6 +606,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend-image-batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--backend-audio-batches", type=int, nargs="*", default=[1, 4])
     p.add_argument("--graph-cache", type=Path, help="exported graphs (default: a temporary folder)")
+    p.add_argument(
+        "--compile", action="store_true", help="also eager under torch.compile (inductor; minutes per shape)"
+    )
+    p.add_argument("--towers", nargs="+", default=["text", "image", "audio"], help="towers of backend rows")
     return p.parse_args(argv)
 
 
@@ -617,7 +647,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "image": args.backend_image_batches,
             "audio": args.backend_audio_batches,
         }
-        backend_rows = bench_backends(state, batches, rate, budget, args.graph_cache or Path(tmp))
+        batches = {tower: batches[tower] for tower in args.towers}
+        backend_rows = bench_backends(
+            state, batches, rate, budget, args.graph_cache or Path(tmp), args.compile
+        )
     if args.only_backends:
         print(backends_table(backend_rows, rates))
         if args.json:
