@@ -289,6 +289,19 @@ def test_415_and_422(client):
     _error(client.post("/v1/embed/text", json={"texts": ["ok", 7]}), 422, 1)
 
 
+def test_readiness_counts_replicas_as_serve_status_does(client):
+    """The routers' replica count (the controller's details read unparsed, ~100x less CPU than
+    serve.status()) agrees with serve.status() on every deployment, and finds none where none is."""
+    from deployments.readiness import _running_from_status, running_replicas
+
+    names = {name: name for name in serve.status().applications["audioclip"].deployments}
+    counted = running_replicas("audioclip", names)
+    assert counted == _running_from_status("audioclip", names)
+    assert set(counted) == set(names) and min(counted.values()) >= 1
+    assert running_replicas("audioclip", {"x": "NoSuchDeployment"}) == {"x": 0}
+    assert running_replicas("no-such-app", names) == dict.fromkeys(names, 0)
+
+
 def test_health_readiness_and_models(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
