@@ -127,7 +127,7 @@ def test_make_demo_sets_the_benchmarked_serve_environment():
 
     root = Path(__file__).resolve().parents[1]
     dry = subprocess.run(["make", "-n", "demo"], cwd=root, capture_output=True, text=True, check=True)
-    line = next(x for x in dry.stdout.splitlines() if "serve run " in x)
+    line = next(x for x in dry.stdout.splitlines() if "audioclip_serve.local_head " in x)
     demo_env = dict(w.split("=", 1) for w in line.split() if "=" in w and w.startswith("RAY_SERVE_"))
     assert demo_env == {k: v for k, v in SERVE_ENV.items() if k.startswith("RAY_SERVE_")} | {
         "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"

@@ -1,6 +1,7 @@
 """`serve run configs/demo.yaml`, as a user runs it, reaches /readyz and answers.
 
-`serve run --address local` starts a cluster of its own, beside any other in the test process.
+As `make demo` does, it runs on a lean Ray head of its own (``audioclip_serve.local_head``: free
+ports, no dashboard, log monitor or autoscaler monitor), beside any other cluster in the test process.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from audioclip_serve.bench.serveapp import ServeApp
+from audioclip_serve.bench.meter import cmdline, descendants
+from audioclip_serve.bench.serveapp import SERVE_ENV, ServeApp, free_port, wait_ready, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -86,11 +89,23 @@ def run_readme_snippets(port: int, grpc_target: str, tmp_path: Path) -> None:
     assert corpus.column("error").null_count == len(photos)
 
 
+# Processes of a default head that the lean head leaves out.
+LEFT_OUT = (
+    "ray/_private/log_monitor.py",
+    "autoscaler/_private/monitor.py",
+    "ray-dashboard-",
+)
+
+
 def test_serve_run_demo_config(tmp_path):
     app = ServeApp(ROOT / "configs" / "demo.yaml", tmp_path, ready_timeout_s=300)
     app.start()  # fails fast, with the log's tail, if serve run exits before /readyz answers
     try:
         print(f"\ndemo ready {app.ready_s:.1f} s after the first probe")
+        family = {pid: cmdline(pid) for pid in app.head.pids()}
+        assert any("ServeReplica:audioclip:TextEncoder" in c for c in family.values())  # under the head
+        assert any("gcs_server" in c for c in family.values())
+        assert not [c for c in family.values() if any(mark in c for mark in LEFT_OUT)]
         r = httpx.post(
             f"{app.url}/v1/embed/text", json={"texts": ["a dog barking"], "normalize": True}, timeout=60
         )
@@ -102,3 +117,33 @@ def test_serve_run_demo_config(tmp_path):
         run_readme_snippets(app.port, app.grpc_target, tmp_path)
     finally:
         app.stop()
+
+
+def test_make_demo_launcher_serves_and_stops_its_head(tmp_path):
+    """`make demo`'s command (``python -m audioclip_serve.local_head CONFIG``) serves the config, and
+    Ctrl-C stops Serve, then every process of its head."""
+    port = free_port()
+    config, _ = write_config(ROOT / "configs" / "demo.yaml", port, tmp_path, free_port())
+    env = {**SERVE_ENV, **os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audioclip_serve.local_head", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "launcher.log").open("wb"),
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=300, proc=proc)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embed/text", json={"texts": ["rain"]}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 1024
+        family = descendants(proc.pid)
+        assert len(family) > 5  # the head, its GCS and raylet, the replicas
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=180) in (0, 130)
+        alive = [pid for pid in family if os.path.exists(f"/proc/{pid}") and cmdline(pid)]
+        assert not alive, [cmdline(p) for p in alive]
+        assert "Ray head at 127.0.0.1:" in (tmp_path / "launcher.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

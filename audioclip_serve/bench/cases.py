@@ -62,12 +62,12 @@ def run_cases(
     ray_address: str | None,
     grpc_target: str | None,
     raw: dict[tuple[str, int], RawResult],
-    root_pid: int | None,
+    root_pids: list[int] | None,
     settings: Any,
 ) -> list[ServedResult]:
     """Every case in order, each on an idle server; skipped cases are reported with their reason."""
     replicas = {t: settings.tower(t).max_replicas for t in settings.towers}  # one replica: batch figures
-    meter, stats = CpuMeter(root_pid), TowerStats(ray_address, replicas)
+    meter, stats = CpuMeter(root_pids), TowerStats(ray_address, replicas)
     workers: dict[str, LoadPool] = {}
     warmed: set[tuple[str, str]] = set()
     results = []

@@ -63,7 +63,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ray-address", help="with --url: the Ray cluster for stats and the handle API (e.g. auto)"
     )
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml", help="serve config to run")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "configs" / "demo.yaml",
+        help="serve config to run; with --url, the one the app runs (the raw towers take its settings)",
+    )
     p.add_argument("--kinds", type=str_list, default=list(KINDS), help="inputs: " + ",".join(KINDS))
     p.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="requests in flight (1,8,32)")
     p.add_argument("--items", type=int_list, default=[1, 32], help="items per request (1,32)")
@@ -123,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = make_inputs(args.kinds)
         inputs_path = workdir / "inputs.pkl"
         inputs_path.write_bytes(pickle.dumps(inputs))
-        settings = app_settings(None if args.url else args.config)
+        # With --url too: raw must run the served settings (backend, threads), or each ratio compares
+        # the served runtime with eager PyTorch.
+        settings = app_settings(args.config)
         raw_list = (
             []
             if args.no_raw
@@ -145,9 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grpc_target = app.grpc_target
         code_served = git_state()  # the replicas imported the serving code in between
         try:
-            root_pid = app.proc.pid if app is not None and app.proc is not None else None
+            root_pids = app.root_pids() if app is not None else None
             served = run_cases(
-                cases, args, inputs_path, inputs, url, ray_address, grpc_target, raw, root_pid, settings
+                cases, args, inputs_path, inputs, url, ray_address, grpc_target, raw, root_pids, settings
             )
         finally:
             if app is not None:
@@ -158,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine(),
             "git": {"at_start": code, "at_app_ready": code_served},
             "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-            "config": str(args.config) if not args.url else args.url,
+            "config": str(args.config),
+            "url": args.url,
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "inputs": describe_inputs(inputs),
             "app_ready_s": round(ready_s, 1),

@@ -60,15 +60,6 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def gcs_address(pids: Sequence[int]) -> str | None:
-    """The Ray GCS address the processes of our cluster were started with (``--gcs-address=``)."""
-    for pid in pids:
-        match = re.search(r"--gcs-address=(\S+)", cmdline(pid))
-        if match:
-            return match.group(1)
-    return None
-
-
 def role_of(pid: int, client_pids: set[int], ours: set[int] | None) -> str:
     """Which part of the system a process is: a Serve deployment, the proxy, the load client, ...;
     ``ours``: the processes of the cluster we started (others are "other", e.g. another job)."""
@@ -133,11 +124,11 @@ def cpu_ms_per_request(cores: dict[str, float], wall_s: float, requests: int) ->
 
 
 class CpuMeter:
-    """CPU seconds of every process on the machine (utime + stime from /proc), by role. ``root_pid``:
-    the ``serve run`` process, whose descendants are our cluster."""
+    """CPU seconds of every process on the machine (utime + stime from /proc), by role. ``root_pids``:
+    ``serve run`` and its Ray head, whose descendants are our cluster (None: a cluster we did not start)."""
 
-    def __init__(self, root_pid: int | None) -> None:
-        self.root_pid = root_pid
+    def __init__(self, root_pids: Sequence[int] | None) -> None:
+        self.root_pids = root_pids
         self.client_pids: set[int] = set()
         self._roles: dict[int, str] = {}
 
@@ -146,7 +137,9 @@ class CpuMeter:
 
     def usage(self, before: dict[int, float], after: dict[int, float], wall_s: float) -> dict[str, float]:
         """Cores busy over ``wall_s``: ``total`` and per role (processes that exited are missed)."""
-        ours = None if self.root_pid is None else {self.root_pid, *descendants(self.root_pid)}
+        ours = None
+        if self.root_pids:
+            ours = {p for root in self.root_pids for p in (root, *descendants(root))}
         by_role: Counter = Counter()
         for pid, seconds in after.items():
             if pid not in self._roles:

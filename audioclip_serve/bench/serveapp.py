@@ -1,11 +1,11 @@
-"""``serve run`` of a config on a free port: readiness, fail-fast, log tail and cleanup."""
+"""``serve run`` of a config on a free port, on a lean Ray head of its own (``local_head``): readiness,
+fail-fast, log tail and cleanup."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from audioclip_serve.local_head import LocalHead, free_port
+
 from .common import ROOT, log
-from .meter import descendants, gcs_address, start_time
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["SERVE_ENV", "ServeApp", "free_port", "wait_ready", "write_config"]
 
 
 def write_config(source: Path, port: int, directory: Path, grpc_port: int) -> tuple[Path, bool]:
@@ -94,22 +90,25 @@ class ServeApp:
         self.log_path = workdir / "serve_run.log"
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
+        self.head: LocalHead | None = None
         self.ready_s = 0.0
 
     def start(self) -> None:
+        # A cluster of its own, as `make demo` runs it (audioclip_serve.local_head): a lean head on
+        # free ports, so it neither joins nor disturbs another cluster on the machine.
+        self.head = LocalHead(self.env(), self.log_path.with_name("ray_head.log"))
+        self.head.start()
         serve_cli = Path(sys.executable).with_name("serve")
         if serve_cli.exists():
             command = [str(serve_cli), "run"]
         else:  # ray installed without its scripts next to this interpreter (e.g. pip --target)
             entry = "import sys; from ray.serve.scripts import cli; sys.argv[0] = 'serve'; cli()"
             command = [sys.executable, "-c", entry, "run"]
-        # A cluster of its own: without ``--address local`` Ray joins the last ``ray start`` cluster
-        # named in /tmp/ray/ray_current_cluster, which a killed run leaves behind pointing at nothing.
-        command += ["--address", "local", str(self.config)]
+        command += ["--address", self.head.address, str(self.config)]
         log(f"starting: {' '.join(command)} (log: {self.log_path})")
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=self.env()
+                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=self.head.env
             )
         try:
             self.ready_s = wait_ready(self.url, self.ready_timeout_s, self.proc)
@@ -128,7 +127,11 @@ class ServeApp:
         return env
 
     def gcs_address(self) -> str | None:
-        return gcs_address(descendants(self.proc.pid)) if self.proc else None
+        return self.head.address if self.head is not None else None
+
+    def root_pids(self) -> list[int]:
+        """``serve run`` and the head: every process of the app descends from one of them."""
+        return [p.pid for p in (self.proc, self.head and self.head.proc) if p is not None]
 
     def log_tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
@@ -136,20 +139,17 @@ class ServeApp:
         return ""
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        family = {pid: start_time(pid) for pid in descendants(self.proc.pid)}
-        if self.proc.poll() is None:
-            log("stopping serve run (SIGINT: serve shutdown, then its local Ray cluster)")
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        time.sleep(2.0)
-        for pid, started in family.items():  # processes of our cluster that outlived the driver
-            if started is not None and start_time(pid) == started:  # the same process, not a reused pid
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        self.proc = None
+        """SIGINT to ``serve run`` (it shuts Serve down), then the head and whatever is left of it."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                log("stopping serve run (SIGINT: serve shutdown), then its Ray head")
+                self.proc.send_signal(signal.SIGINT)
+                try:
+                    self.proc.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+        if self.head is not None:
+            self.head.stop()
+            self.head = None

@@ -1,0 +1,142 @@
+"""A Ray head of its own on this machine, for `make demo`, the benchmarks and the demo test, without
+the helper processes that a single-machine app does not use.
+
+`serve run --address local` starts a full head: the dashboard with its ten module processes, the log
+monitor and the autoscaler's monitor. None of them serves a request, but each wakes on its own timer,
+and a forward on two threads on a 2-core machine waits for whichever thread lost its core. The raw
+text tower at batch 32 took 209-242 ms beside the idle demo on a default head, against 179-189 ms
+beside this one (177 ms with no app running; docs/BENCHMARKS.md). `serve run` deploys through the
+GCS, not the dashboard, so nothing here needs them. The head is a `ray start --block` child process:
+every process of the cluster descends from it, and ends with it.
+
+    python -m audioclip_serve.local_head configs/demo.yaml     # serve run CONFIG on such a head
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from audioclip_serve.bench.meter import descendants, start_time
+
+# What a single-machine app leaves out of its head.
+LEAN_HEAD_FLAGS = ("--include-dashboard=false", "--include-log-monitor=false", "--no-monitor")
+STARTED_LINE = "Ray runtime started."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli() -> list[str]:
+    """The `ray` command of this interpreter's environment."""
+    script = Path(sys.executable).with_name("ray")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+class LocalHead:
+    """``ray start --head --block`` with ``LEAN_HEAD_FLAGS`` on free ports; ``address`` is its GCS."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, num_cpus: int | None = None) -> None:
+        self.env = dict(env)
+        self.log_path = log_path
+        self.num_cpus = num_cpus
+        self.address = f"127.0.0.1:{free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        if self.env.get("RAY_AUTH_MODE") == "token":
+            # As `ray.init()` does for a local cluster: the token file is made if there is none.
+            subprocess.run(
+                [*ray_cli(), "get-auth-token", "--generate"], env=self.env, capture_output=True, check=True
+            )
+        command = [
+            *ray_cli(), "start", "--head", "--block", f"--port={self.address.rsplit(':', 1)[1]}",
+            "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--ray-client-server-port={free_port()}",
+            "--disable-usage-stats", *LEAN_HEAD_FLAGS,
+        ]  # fmt: skip
+        if self.num_cpus is not None:
+            command.append(f"--num-cpus={self.num_cpus}")
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s
+        while STARTED_LINE not in self.log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                self.stop()
+                raise RuntimeError(f"ray start did not come up (log {self.log_path}):\n{tail}")
+            time.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc else []
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM to ``ray start --block`` (it stops its processes), then SIGKILL to any left."""
+        if self.proc is None:
+            return
+        family = {pid: start_time(pid) for pid in self.pids()}
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout_s)
+        for pid, started in family.items():  # left over; the same process, not a reused pid
+            if started is not None and start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_run(config: str, extra: Sequence[str] = ()) -> int:
+    """``serve run CONFIG`` on a lean head of its own. Ctrl-C (or SIGTERM) stops the app through
+    ``serve run``, then the head: both run in sessions of their own, so the terminal's SIGINT reaches
+    this process only, and nothing of the cluster dies before Serve has shut down."""
+    serve = Path(sys.executable).with_name("serve")
+    head = LocalHead(os.environ, Path(tempfile.gettempdir()) / f"audioclip-head-{os.getpid()}.log")
+    signal.signal(signal.SIGTERM, _interrupt)
+    run = None
+    try:
+        try:
+            head.start()
+        except RuntimeError as err:  # the head's log says why; no traceback of ours on top of it
+            print(err, file=sys.stderr)
+            return 1
+        print(f"Ray head at {head.address} (log {head.log_path})", file=sys.stderr, flush=True)
+        command = [str(serve), "run", "--address", head.address, *extra, config]
+        run = subprocess.Popen(command, env=head.env, start_new_session=True)
+        return run.wait()
+    except KeyboardInterrupt:
+        if run is None:
+            return 130
+        run.send_signal(signal.SIGINT)  # serve run shuts Serve down, as on its own terminal
+        try:
+            return run.wait(timeout=90)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            return 130
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+        head.stop()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m audioclip_serve.local_head CONFIG [serve run options]")
+    sys.exit(serve_run(sys.argv[1], sys.argv[2:]))
