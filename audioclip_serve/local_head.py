@@ -10,10 +10,12 @@ GCS, not the dashboard, so nothing here needs them. The head is a `ray start --b
 every process of the cluster descends from it, and ends with it.
 
     python -m audioclip_serve.local_head configs/demo.yaml     # serve run CONFIG on such a head
+    python -m audioclip_serve.local_head --full-head configs/demo.yaml     # with the dashboard
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -45,12 +47,14 @@ def ray_cli() -> list[str]:
 
 
 class LocalHead:
-    """``ray start --head --block`` with ``LEAN_HEAD_FLAGS`` on free ports; ``address`` is its GCS."""
+    """``ray start --head --block`` on free ports, with ``LEAN_HEAD_FLAGS`` unless ``lean`` is False (a
+    default head: the Ray dashboard on a free port); ``address`` is its GCS."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, num_cpus: int | None = None) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, lean: bool = True) -> None:
         self.env = dict(env)
+        self.lean = lean
         self.log_path = log_path
-        self.num_cpus = num_cpus
+        self.dashboard_port = None if lean else free_port()
         self.address = f"127.0.0.1:{free_port()}"
         self.proc: subprocess.Popen | None = None
 
@@ -64,10 +68,9 @@ class LocalHead:
             *ray_cli(), "start", "--head", "--block", f"--port={self.address.rsplit(':', 1)[1]}",
             "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}", f"--ray-client-server-port={free_port()}",
-            "--disable-usage-stats", *LEAN_HEAD_FLAGS,
+            "--disable-usage-stats",
         ]  # fmt: skip
-        if self.num_cpus is not None:
-            command.append(f"--num-cpus={self.num_cpus}")
+        command += LEAN_HEAD_FLAGS if self.lean else [f"--dashboard-port={self.dashboard_port}"]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
@@ -104,12 +107,13 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve_run(config: str, extra: Sequence[str] = ()) -> int:
+def serve_run(config: str, extra: Sequence[str] = (), lean: bool = True) -> int:
     """``serve run CONFIG`` on a lean head of its own. Ctrl-C (or SIGTERM) stops the app through
     ``serve run``, then the head: both run in sessions of their own, so the terminal's SIGINT reaches
     this process only, and nothing of the cluster dies before Serve has shut down."""
     serve = Path(sys.executable).with_name("serve")
-    head = LocalHead(os.environ, Path(tempfile.gettempdir()) / f"audioclip-head-{os.getpid()}.log")
+    log_path = Path(tempfile.gettempdir()) / f"audioclip-head-{os.getpid()}.log"
+    head = LocalHead(os.environ, log_path, lean=lean)
     signal.signal(signal.SIGTERM, _interrupt)
     run = None
     try:
@@ -118,7 +122,8 @@ def serve_run(config: str, extra: Sequence[str] = ()) -> int:
         except RuntimeError as err:  # the head's log says why; no traceback of ours on top of it
             print(err, file=sys.stderr)
             return 1
-        print(f"Ray head at {head.address} (log {head.log_path})", file=sys.stderr, flush=True)
+        dashboard = f", dashboard http://127.0.0.1:{head.dashboard_port}" if head.dashboard_port else ""
+        print(f"Ray head at {head.address}{dashboard} (log {head.log_path})", file=sys.stderr, flush=True)
         command = [str(serve), "run", "--address", head.address, *extra, config]
         run = subprocess.Popen(command, env=head.env, start_new_session=True)
         return run.wait()
@@ -136,7 +141,15 @@ def serve_run(config: str, extra: Sequence[str] = ()) -> int:
         head.stop()
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="serve run CONFIG on a Ray head of its own")
+    parser.add_argument("config", help="serve config")
+    parser.add_argument(
+        "--full-head", action="store_true", help="a default head: with the Ray dashboard and log monitor"
+    )
+    args, serve_run_options = parser.parse_known_args(argv)
+    return serve_run(args.config, serve_run_options, lean=not args.full_head)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m audioclip_serve.local_head CONFIG [serve run options]")
-    sys.exit(serve_run(sys.argv[1], sys.argv[2:]))
+    sys.exit(main())

@@ -104,6 +104,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default={},
         help="KEY=VALUE,... set for serve run and its cluster only (a lever on/off), not for this driver",
     )
+    p.add_argument(
+        "--full-head",
+        action="store_true",
+        help="serve on a default Ray head (dashboard, log monitor, autoscaler monitor): the lever off",
+    )
     p.add_argument("--no-raw", action="store_true", help="skip raw timing (no ratios, no skip estimates)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
     quick = "smoke run (~4 min): queries, photo, clip5; c1,32; single items; 5 s cases"
@@ -146,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grpc_target = args.grpc_target
             wait_ready(url, args.ready_timeout)
         else:
-            app = ServeApp(args.config, workdir, args.ready_timeout, args.serve_env)
+            app = ServeApp(
+                args.config, workdir, args.ready_timeout, args.serve_env, lean_head=not args.full_head
+            )
             app.start()
             url, ray_address, ready_s = app.url, app.gcs_address(), app.ready_s
             grpc_target = app.grpc_target

@@ -80,9 +80,15 @@ class ServeApp:
     then any leftover process of its cluster is ended by pid."""
 
     def __init__(
-        self, config: Path, workdir: Path, ready_timeout_s: float, env: dict[str, str] | None = None
+        self,
+        config: Path,
+        workdir: Path,
+        ready_timeout_s: float,
+        env: dict[str, str] | None = None,
+        lean_head: bool = True,
     ) -> None:
         self.extra_env = env or {}  # a lever under test, for the app's processes only (not this driver)
+        self.lean_head = lean_head
         self.port, grpc_port = free_port(), free_port()
         self.config, has_grpc = write_config(config, self.port, workdir, grpc_port)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -96,7 +102,7 @@ class ServeApp:
     def start(self) -> None:
         # A cluster of its own, as `make demo` runs it (audioclip_serve.local_head): a lean head on
         # free ports, so it neither joins nor disturbs another cluster on the machine.
-        self.head = LocalHead(self.env(), self.log_path.with_name("ray_head.log"))
+        self.head = LocalHead(self.env(), self.log_path.with_name("ray_head.log"), lean=self.lean_head)
         self.head.start()
         serve_cli = Path(sys.executable).with_name("serve")
         if serve_cli.exists():
