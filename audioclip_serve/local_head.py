@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from audioclip_serve.bench.meter import descendants, start_time
+from audioclip_serve.procfs import descendants, start_time
 
 # What a single-machine app leaves out of its head.
 LEAN_HEAD_FLAGS = ("--include-dashboard=false", "--include-log-monitor=false", "--no-monitor")

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from audioclip_serve.bench.meter import cmdline, descendants
 from audioclip_serve.bench.serveapp import SERVE_ENV, ServeApp, free_port, wait_ready, write_config
+from audioclip_serve.procfs import cmdline, descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
