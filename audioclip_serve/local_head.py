@@ -4,10 +4,11 @@ the helper processes that a single-machine app does not use.
 `serve run --address local` starts a full head: the dashboard with its ten module processes, the log
 monitor and the autoscaler's monitor. None of them serves a request, but each wakes on its own timer,
 and a forward on two threads on a 2-core machine waits for whichever thread lost its core. The raw
-text tower at batch 32 took 209-242 ms beside the idle demo on a default head, against 179-189 ms
-beside this one (177 ms with no app running; docs/BENCHMARKS.md). `serve run` deploys through the
-GCS, not the dashboard, so nothing here needs them. The head is a `ray start --block` child process:
-every process of the cluster descends from it, and ends with it.
+text tower at batch 32 beside the idle demo took 242.6 ms on average on a default head against 211.0
+ms beside this one (six interleaved pairs, this one faster in five; docs/BENCHMARKS.md, "A lean Ray
+head"). `serve run` deploys through the GCS, not the dashboard, so nothing here needs them. The head
+is a `ray start --block` child process: every process of the cluster descends from it, and ends
+with it.
 
     python -m audioclip_serve.local_head configs/demo.yaml     # serve run CONFIG on such a head
     python -m audioclip_serve.local_head --full-head configs/demo.yaml     # with the dashboard
@@ -35,6 +36,7 @@ STARTED_LINE = "Ray runtime started."
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
