@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 # Serve's throughput mode (gRPC between deployments, its receive limit raised past 4 MiB for windowed
 # audio) cuts the router's CPU per query; the benchmark's SERVE_ENV sets the same.
 # `serve run` on a Ray head of its own without the dashboard, the log monitor and the autoscaler's
-# monitor (audioclip_serve/local_head.py): beside a default head the text tower's forwards ran 12-28 %
-# slower (docs/BENCHMARKS.md). Ctrl-C stops the app, then the head.
+# monitor (audioclip_serve/local_head.py): beside a default head the text tower's batch-32 forward
+# took 15 % longer on average (docs/BENCHMARKS.md). Ctrl-C stops the app, then the head.
 DEMO_ENV := RAY_AUTH_MODE=token RAY_SERVE_SLOW_STARTUP_WARNING_S=120 RAY_SERVE_ENABLE_HA_PROXY=1 \
 	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=2147483647
 
