@@ -86,10 +86,14 @@ class LocalHead:
             time.sleep(0.2)
 
     def pids(self) -> list[int]:
-        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc else []
+        """``ray start`` and every process below it (none once it has exited: its pid may be reused)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *descendants(self.proc.pid)]
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """SIGTERM to ``ray start --block`` (it stops its processes), then SIGKILL to any left."""
+        """SIGTERM to ``ray start --block`` (it stops its processes), then SIGKILL to any left, and the
+        machine's "current cluster" file forgotten if it names this head."""
         if self.proc is None:
             return
         family = {pid: start_time(pid) for pid in self.pids()}
@@ -103,6 +107,13 @@ class LocalHead:
                     os.kill(pid, signal.SIGKILL)
         self.proc.wait()
         self.proc = None
+        # `ray start` named this head the machine's current cluster (by the node's own address, not
+        # 127.0.0.1: the port tells it); `ray stop` would forget it, and a later `serve run` or
+        # `ray.init()` without an address would wait for it forever.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().rsplit(":", 1)[-1] == self.address.rsplit(":", 1)[-1]:
+                current.unlink()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -110,18 +121,19 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def serve_run(config: str, extra: Sequence[str] = (), lean: bool = True) -> int:
-    """``serve run CONFIG`` on a lean head of its own. Ctrl-C (or SIGTERM) stops the app through
-    ``serve run``, then the head: both run in sessions of their own, so the terminal's SIGINT reaches
-    this process only, and nothing of the cluster dies before Serve has shut down."""
+    """``serve run CONFIG`` on a lean head of its own. Ctrl-C, SIGTERM or a closed terminal stops the
+    app through ``serve run``, then the head: both run in sessions of their own, so the terminal's
+    SIGINT reaches this process only, and nothing of the cluster dies before Serve has shut down."""
     serve = Path(sys.executable).with_name("serve")
     log_path = Path(tempfile.gettempdir()) / f"audioclip-head-{os.getpid()}.log"
     head = LocalHead(os.environ, log_path, lean=lean)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     run = None
     try:
         try:
             head.start()
-        except RuntimeError as err:  # the head's log says why; no traceback of ours on top of it
+        except (RuntimeError, subprocess.CalledProcessError) as err:  # the head's log says why
             print(err, file=sys.stderr)
             return 1
         dashboard = f", dashboard http://127.0.0.1:{head.dashboard_port}" if head.dashboard_port else ""
@@ -138,6 +150,8 @@ def serve_run(config: str, extra: Sequence[str] = (), lean: bool = True) -> int:
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             return 130
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C: still clean up
+            signal.signal(signum, signal.SIG_IGN)
         if run is not None and run.poll() is None:
             run.kill()
         head.stop()

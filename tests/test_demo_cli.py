@@ -6,12 +6,14 @@ ports, no dashboard, log monitor or autoscaler monitor), beside any other cluste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from audioclip_serve.bench.serveapp import SERVE_ENV, ServeApp, free_port, wait_ready, write_config
-from audioclip_serve.procfs import cmdline, descendants
+from audioclip_serve.local_head import LocalHead
+from audioclip_serve.procfs import cmdline, descendants, start_time
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -132,18 +135,55 @@ def test_make_demo_launcher_serves_and_stops_its_head(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "launcher.log").open("wb"),
     )
+    family: dict[int, int | None] = {}
     try:
         wait_ready(f"http://127.0.0.1:{port}", timeout_s=300, proc=proc)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embed/text", json={"texts": ["rain"]}, timeout=60)
         assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 1024
-        family = descendants(proc.pid)
+        family = {pid: start_time(pid) for pid in descendants(proc.pid)}
         assert len(family) > 5  # the head, its GCS and raylet, the replicas
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=180) in (0, 130)
-        alive = [pid for pid in family if os.path.exists(f"/proc/{pid}") and cmdline(pid)]
+        alive = [pid for pid, started in family.items() if start_time(pid) == started and cmdline(pid)]
         assert not alive, [cmdline(p) for p in alive]
         assert "Ray head at 127.0.0.1:" in (tmp_path / "launcher.log").read_text()
-    finally:
+    finally:  # on a failure: the launcher's own cleanup, then whatever of its head is left
+        family = family or {pid: start_time(pid) for pid in descendants(proc.pid)}
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=150)
+        for pid, started in family.items():
+            if started is not None and start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_left_out_processes_are_what_a_default_head_runs(tmp_path):
+    """The marks of ``LEFT_OUT`` name processes a default head really starts, so their absence
+    under the demo's head means something; the lean head starts none of them."""
+    found = {}
+    for lean, look_s in ((False, 60.0), (True, 15.0)):
+        head = LocalHead(dict(os.environ), tmp_path / f"head_lean_{lean}.log", lean=lean)
+        head.start()
+        try:
+            found[lean] = _marks_seen(head, look_s)
+        finally:
+            head.stop()
+    assert found[False] == set(LEFT_OUT)
+    assert found[True] == set()
+
+
+def _marks_seen(head: LocalHead, seconds: float) -> set[str]:
+    """``LEFT_OUT`` marks among the head's processes, looked for over ``seconds`` (the dashboard's
+    modules start after the head says it is up)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and seen != set(LEFT_OUT):
+        lines = [cmdline(pid) for pid in head.pids()]
+        seen |= {mark for mark in LEFT_OUT if any(mark in line for line in lines)}
+        time.sleep(1.0)
+    return seen

@@ -157,8 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.start()
             url, ray_address, ready_s = app.url, app.gcs_address(), app.ready_s
             grpc_target = app.grpc_target
-        code_served = git_state()  # the replicas imported the serving code in between
         try:
+            code_served = git_state()  # the replicas imported the serving code in between
             root_pids = app.root_pids() if app is not None else None
             served = run_cases(
                 cases, args, inputs_path, inputs, url, ray_address, grpc_target, raw, root_pids, settings

@@ -103,6 +103,16 @@ class ServeApp:
         # A cluster of its own, as `make demo` runs it (audioclip_serve.local_head): a lean head on
         # free ports, so it neither joins nor disturbs another cluster on the machine.
         self.head = LocalHead(self.env(), self.log_path.with_name("ray_head.log"), lean=self.lean_head)
+        try:
+            self._launch()
+        except BaseException:  # a failed start or an interrupt (Ctrl-C, a test's timeout): no cluster left
+            log(self.log_tail())
+            self.stop()
+            raise
+        log(f"app ready at {self.url} after {self.ready_s:.0f} s")
+
+    def _launch(self) -> None:
+        """The head, then `serve run` on it, until /readyz answers."""
         self.head.start()
         serve_cli = Path(sys.executable).with_name("serve")
         if serve_cli.exists():
@@ -116,13 +126,7 @@ class ServeApp:
             self.proc = subprocess.Popen(
                 command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=self.head.env
             )
-        try:
-            self.ready_s = wait_ready(self.url, self.ready_timeout_s, self.proc)
-        except Exception:
-            log(self.log_tail())
-            self.stop()
-            raise
-        log(f"app ready at {self.url} after {self.ready_s:.0f} s")
+        self.ready_s = wait_ready(self.url, self.ready_timeout_s, self.proc)
 
     def env(self) -> dict[str, str]:
         """This process's environment, with the project importable for the replicas, the serving
