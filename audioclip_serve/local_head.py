@@ -127,7 +127,9 @@ def serve_run(config: str, extra: Sequence[str] = (), lean: bool = True) -> int:
     serve = Path(sys.executable).with_name("serve")
     log_path = Path(tempfile.gettempdir()) / f"audioclip-head-{os.getpid()}.log"
     head = LocalHead(os.environ, log_path, lean=lean)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a process started in the background by a shell inherits it ignored, and so would
+    # serve run and the head, which then could not be stopped the way a terminal's Ctrl-C stops them.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     run = None
     try:
