@@ -48,6 +48,32 @@ def ray_cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
+# The `serve` script's own entry point, with Ctrl-C restored first: a process that a shell started in
+# the background inherits SIGINT ignored, and Python then leaves it ignored, so `serve run` would not
+# shut Serve down when asked to. Also works where ray is installed without its scripts.
+_SERVE_CLI = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from ray.serve.scripts import cli; sys.argv[0] = 'serve'; cli()"
+)
+
+
+def serve_run_command(address: str, config: str | Path, extra: Sequence[str] = ()) -> list[str]:
+    """``serve run --address ADDRESS [extra] CONFIG``."""
+    return [sys.executable, "-c", _SERVE_CLI, "run", "--address", address, *extra, str(config)]
+
+
+def stop_serve_run(run: subprocess.Popen, timeout_s: float = 90.0) -> int | None:
+    """SIGINT to ``serve run`` (it shuts Serve down, as on its terminal), killed after ``timeout_s``."""
+    if run.poll() is None:
+        run.send_signal(signal.SIGINT)
+        try:
+            run.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()
+    return run.returncode
+
+
 class LocalHead:
     """``ray start --head --block`` on free ports, with ``LEAN_HEAD_FLAGS`` unless ``lean`` is False (a
     default head: the Ray dashboard on a free port); ``address`` is its GCS."""
@@ -124,11 +150,9 @@ def serve_run(config: str, extra: Sequence[str] = (), lean: bool = True) -> int:
     """``serve run CONFIG`` on a lean head of its own. Ctrl-C, SIGTERM or a closed terminal stops the
     app through ``serve run``, then the head: both run in sessions of their own, so the terminal's
     SIGINT reaches this process only, and nothing of the cluster dies before Serve has shut down."""
-    serve = Path(sys.executable).with_name("serve")
     log_path = Path(tempfile.gettempdir()) / f"audioclip-head-{os.getpid()}.log"
     head = LocalHead(os.environ, log_path, lean=lean)
-    # SIGINT too: a process started in the background by a shell inherits it ignored, and so would
-    # serve run and the head, which then could not be stopped the way a terminal's Ctrl-C stops them.
+    # SIGINT too: inherited ignored when a shell started this in the background.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     run = None
@@ -140,22 +164,17 @@ def serve_run(config: str, extra: Sequence[str] = (), lean: bool = True) -> int:
             return 1
         dashboard = f", dashboard http://127.0.0.1:{head.dashboard_port}" if head.dashboard_port else ""
         print(f"Ray head at {head.address}{dashboard} (log {head.log_path})", file=sys.stderr, flush=True)
-        command = [str(serve), "run", "--address", head.address, *extra, config]
-        run = subprocess.Popen(command, env=head.env, start_new_session=True)
+        run = subprocess.Popen(
+            serve_run_command(head.address, config, extra), env=head.env, start_new_session=True
+        )
         return run.wait()
     except KeyboardInterrupt:
-        if run is None:
-            return 130
-        run.send_signal(signal.SIGINT)  # serve run shuts Serve down, as on its own terminal
-        try:
-            return run.wait(timeout=90)
-        except (KeyboardInterrupt, subprocess.TimeoutExpired):
-            return 130
+        return 130 if run is None else (stop_serve_run(run) or 0)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C: still clean up
             signal.signal(signum, signal.SIG_IGN)
-        if run is not None and run.poll() is None:
-            run.kill()
+        if run is not None:
+            stop_serve_run(run)  # a no-op once it has exited
         head.stop()
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from audioclip_serve.local_head import LocalHead, free_port
+from audioclip_serve.local_head import LocalHead, free_port, serve_run_command, stop_serve_run
 
 from .common import ROOT, log
 
@@ -114,13 +112,7 @@ class ServeApp:
     def _launch(self) -> None:
         """The head, then `serve run` on it, until /readyz answers."""
         self.head.start()
-        serve_cli = Path(sys.executable).with_name("serve")
-        if serve_cli.exists():
-            command = [str(serve_cli), "run"]
-        else:  # ray installed without its scripts next to this interpreter (e.g. pip --target)
-            entry = "import sys; from ray.serve.scripts import cli; sys.argv[0] = 'serve'; cli()"
-            command = [sys.executable, "-c", entry, "run"]
-        command += ["--address", self.head.address, str(self.config)]
+        command = serve_run_command(self.head.address, self.config)
         log(f"starting: {' '.join(command)} (log: {self.log_path})")
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -151,14 +143,8 @@ class ServeApp:
     def stop(self) -> None:
         """SIGINT to ``serve run`` (it shuts Serve down), then the head and whatever is left of it."""
         if self.proc is not None:
-            if self.proc.poll() is None:
-                log("stopping serve run (SIGINT: serve shutdown), then its Ray head")
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    self.proc.wait(timeout=90)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            log("stopping serve run (SIGINT: serve shutdown), then its Ray head")
+            stop_serve_run(self.proc)
             self.proc = None
         if self.head is not None:
             self.head.stop()
