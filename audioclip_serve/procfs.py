@@ -29,8 +29,9 @@ def children_map() -> dict[int, list[int]]:
     return tree
 
 
-def descendants(pid: int) -> list[int]:
-    tree, out, todo = children_map(), [], [pid]
+def descendants(*pids: int) -> list[int]:
+    """Every process below any of ``pids`` (one pass over /proc)."""
+    tree, out, todo = children_map(), [], list(pids)
     while todo:
         for child in tree.get(todo.pop(), []):
             out.append(child)

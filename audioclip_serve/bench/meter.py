@@ -90,9 +90,7 @@ class CpuMeter:
 
     def usage(self, before: dict[int, float], after: dict[int, float], wall_s: float) -> dict[str, float]:
         """Cores busy over ``wall_s``: ``total`` and per role (processes that exited are missed)."""
-        ours = None
-        if self.root_pids:
-            ours = {p for root in self.root_pids for p in (root, *descendants(root))}
+        ours = {*self.root_pids, *descendants(*self.root_pids)} if self.root_pids else None
         by_role: Counter = Counter()
         for pid, seconds in after.items():
             if pid not in self._roles:
