@@ -80,6 +80,11 @@ class LocalHead:
 
     def __init__(self, env: Mapping[str, str], log_path: Path, lean: bool = True) -> None:
         self.env = dict(env)
+        # One auth mode, explicit, for the head and every process given ``env``: unset, `ray start`
+        # turns token auth on by itself wherever a token file exists (~/.ray/auth_token, which any
+        # local `ray.init()` leaves), but a driver given an address does not, and cannot connect.
+        # Token is what Ray gives a new local cluster (`ray.init()`).
+        self.env.setdefault("RAY_AUTH_MODE", "token")
         self.lean = lean
         self.log_path = log_path
         self.dashboard_port = None if lean else free_port()
@@ -87,7 +92,7 @@ class LocalHead:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120.0) -> None:
-        if self.env.get("RAY_AUTH_MODE") == "token":
+        if self.env["RAY_AUTH_MODE"].lower() == "token":
             # As `ray.init()` does for a local cluster: the token file is made if there is none.
             subprocess.run(
                 [*ray_cli(), "get-auth-token", "--generate"], env=self.env, capture_output=True, check=True

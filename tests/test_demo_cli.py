@@ -187,3 +187,26 @@ def _marks_seen(head: LocalHead, seconds: float) -> set[str]:
         seen |= {mark for mark in LEFT_OUT if any(mark in line for line in lines)}
         time.sleep(1.0)
     return seen
+
+
+def test_head_and_its_drivers_share_one_auth_mode(tmp_path):
+    """With ``RAY_AUTH_MODE`` unset and a token file on the machine, `ray start` turns token auth on
+    by itself but a driver given the address does not: the head makes the mode explicit (Ray's
+    default for a new local cluster, token), so a process started with its env connects."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    head = LocalHead(env, tmp_path / "head.log")
+    assert head.env["RAY_AUTH_MODE"] == "token"
+    head.start()
+    try:
+        assert (Path.home() / ".ray" / "auth_token").exists()  # what made `ray start` switch on its own
+        driver = "import ray, sys; ray.init(address=sys.argv[1]); print(len(ray.nodes()))"
+        result = subprocess.run(
+            [sys.executable, "-c", driver, head.address],
+            env=head.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0 and result.stdout.split()[-1] == "1", result.stderr[-2000:]
+    finally:
+        head.stop()
