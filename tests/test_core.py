@@ -118,3 +118,31 @@ def test_an_answer_never_mixes_checkpoints(towers, model):
 
     with pytest.raises(MixedCheckpoints):
         asyncio.run(_core(towers).rank({"text": "q"}, [{"text": "a"}], other_weights))
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A real pool that counts the tasks it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.tasks = 0
+
+    def submit(self, *args, **kwargs):
+        self.tasks += 1
+        return super().submit(*args, **kwargs)
+
+
+def test_short_texts_tokenize_on_the_loop_and_long_requests_in_the_pool(towers):
+    pool = CountingPool()
+    core = EmbeddingCore(towers, ["text"], pipelines(), DEFAULT_LIMITS, {"text": 32}, pool)
+    short = ["a dog barks", "rain on a tin roof"]
+    prepared, _ = asyncio.run(core.decode("text", short))
+    assert pool.tasks == 0
+    assert [item.ids for item in prepared] == [tuple(ids) for ids in audioclip.tokenize_to_ids(short)]
+    many = [f"a sound number {i}" for i in range(40)]
+    prepared, _ = asyncio.run(core.decode("text", many))
+    assert pool.tasks == 1
+    assert [item.ids for item in prepared] == [tuple(ids) for ids in audioclip.tokenize_to_ids(many)]
+    with pytest.raises(audioclip.InvalidInputError) as info:  # inline, an error still names its item
+        asyncio.run(core.decode("text", ["fine", 5]))
+    assert (info.value.index, pool.tasks) == (1, 2)  # not a string: sent to the pool, as before
