@@ -38,12 +38,14 @@ from . import ranking
 EMBED_DIM = 1024
 MIXED_RETRIES = 4  # tries of a request whose answer would mix two checkpoints (a rollout)
 MIXED_RETRY_WAIT_S = 0.25
-# Texts as short as this tokenize on the event loop (1-3 us a character, 15-30 us an item): a pool
-# thread gains nothing for pure-Python BPE under the GIL, and the hop to it and back costs a single
-# query more than its tokenizing (0.3 ms against 0.03 ms). Longer requests go to the pool, where the
-# loop still gets its turns between the tokenizer's GIL slices.
-INLINE_TEXT_ITEMS = 32
-INLINE_TEXT_CHARS = 1024
+# Texts as short as this tokenize on the event loop: a pool thread gains nothing for pure-Python BPE
+# under the GIL, and the hop to it and back costs a single query more than its tokenizing (0.3 ms
+# against 0.03 ms). BPE is quadratic in a word's length (one new 64-character word 0.4 ms, 256
+# characters 4.7 ms), so each text is capped too: at most ~5 ms on the loop for the worst request that
+# qualifies. Longer requests go to the pool, where the loop still gets its turns between GIL slices.
+INLINE_TEXT_ITEMS = 8
+INLINE_TEXT_CHARS = 512
+INLINE_TEXT_ITEM_CHARS = 96
 T = TypeVar("T")
 
 
@@ -152,7 +154,7 @@ def inline_text(items: Sequence[Any]) -> bool:
         return False
     chars = 0
     for item in items:
-        if not isinstance(item, str):
+        if not isinstance(item, str) or len(item) > INLINE_TEXT_ITEM_CHARS:
             return False
         chars += len(item)
     return chars <= INLINE_TEXT_CHARS

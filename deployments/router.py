@@ -109,6 +109,8 @@ class Router:
             on_decoded=self.metrics.decoded,
             chunks_in_flight=args.router.chunks_in_flight,
         )
+        if "text" in towers:  # the BPE vocabulary loads now, not on the loop in the first request
+            await asyncio.to_thread(self.core.pipelines["text"].warmup_item)
         self.gate = Gate(args.router)
         deployments = {name: handle.deployment_name for name, handle in towers.items()}
         can_sleep = [name for name in towers if args.tower(name).min_replicas == 0]

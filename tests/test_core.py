@@ -139,10 +139,15 @@ def test_short_texts_tokenize_on_the_loop_and_long_requests_in_the_pool(towers):
     prepared, _ = asyncio.run(core.decode("text", short))
     assert pool.tasks == 0
     assert [item.ids for item in prepared] == [tuple(ids) for ids in audioclip.tokenize_to_ids(short)]
-    many = [f"a sound number {i}" for i in range(40)]
+    many = [f"a sound number {i}" for i in range(12)]
     prepared, _ = asyncio.run(core.decode("text", many))
     assert pool.tasks == 1
     assert [item.ids for item in prepared] == [tuple(ids) for ids in audioclip.tokenize_to_ids(many)]
     with pytest.raises(audioclip.InvalidInputError) as info:  # inline, an error still names its item
+        asyncio.run(core.decode("text", ["fine", "7" * 90]))  # 90 characters, 92 tokens (one a digit)
+    assert (info.value.index, info.value.reason, pool.tasks) == (1, "text_too_long", 1)
+    with pytest.raises(audioclip.InvalidInputError) as info:
         asyncio.run(core.decode("text", ["fine", 5]))
     assert (info.value.index, pool.tasks) == (1, 2)  # not a string: sent to the pool, as before
+    asyncio.run(core.decode("text", ["x" * 200]))  # one long word (BPE is quadratic in it): the pool
+    assert pool.tasks == 3

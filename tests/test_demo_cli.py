@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from audioclip_serve.bench.serveapp import SERVE_ENV, ServeApp, free_port, wait_ready, write_config
-from audioclip_serve.local_head import LocalHead
+from audioclip_serve.local_head import LocalHead, ray_cli
 from audioclip_serve.procfs import cmdline, descendants, start_time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,11 +194,16 @@ def test_head_and_its_drivers_share_one_auth_mode(tmp_path):
     by itself but a driver given the address does not: the head makes the mode explicit (Ray's
     default for a new local cluster, token), so a process started with its env connects."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["HOME"] = str(tmp_path)  # Ray's token file is ~/.ray/auth_token: this test's own
+    made = subprocess.run(
+        [*ray_cli(), "get-auth-token", "--generate"],
+        env={**env, "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+    )
+    assert made.returncode == 0 and (tmp_path / ".ray" / "auth_token").exists(), made.stderr
     head = LocalHead(env, tmp_path / "head.log")
-    assert head.env["RAY_AUTH_MODE"] == "token"
     head.start()
     try:
-        assert (Path.home() / ".ray" / "auth_token").exists()  # what made `ray start` switch on its own
         driver = "import ray, sys; ray.init(address=sys.argv[1]); print(len(ray.nodes()))"
         result = subprocess.run(
             [sys.executable, "-c", driver, head.address],
