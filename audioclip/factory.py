@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .backends import Backend, use_backend
+from .backends import Backend, Precision, use_backend
 from .checkpoint import read_state_dict, verify_known_checkpoint
 from .model import AudioCLIP, AudioNorm
 from .synthetic import synthetic_state_dict
@@ -74,6 +74,11 @@ class TowerBuild:
     graph_cache: str | None = None  # None: audioclip.backends.DEFAULT_CACHE_DIR
     spin_wait: bool | None = None  # onnxruntime's idle threads spin (None: backends.SPIN_BY_TOWER)
 
+    @property
+    def precision(self) -> Precision:
+        """What a runtime's graph computes in: int8, bf16 (``dtype``), else fp32."""
+        return "int8" if self.int8 else "bf16" if self.dtype == "bf16" else "fp32"
+
 
 def conv_layout(
     tower: str, device: str, channels_last: bool | None, fold_batchnorm: bool | None, audio_norm: str
@@ -107,8 +112,10 @@ def build_tower(
     """One tower from checkpoint-named arrays (shared, not copied, on CPU), laid out by ``conv_layout``,
     its hot part on ``build.backend`` (graphs cached under ``weights_sha256``, computed when not given)."""
     device = resolve_device(build.device == "cuda")  # a CUDA build runs on the CPU where no GPU is seen
-    model = AudioCLIP.from_state_dict(state, device, (tower,), dtype=build.dtype, audio_norm=build.audio_norm)
-    if build.backend != "eager":
+    runtime = build.backend != "eager"  # a runtime's dtype is its graph's precision; PyTorch keeps fp32
+    dtype = None if runtime else build.dtype
+    model = AudioCLIP.from_state_dict(state, device, (tower,), dtype=dtype, audio_norm=build.audio_norm)
+    if runtime:
         if build.fold_batchnorm:
             model.fold_batchnorm()  # the runtimes fold BatchNorm themselves; unfolded, no private copy
         use_backend(
@@ -117,7 +124,7 @@ def build_tower(
             build.backend,
             weights_sha256=weights_sha256 or digest_arrays({k: np.asarray(v) for k, v in state.items()}),
             threads=build.threads or torch.get_num_threads(),
-            int8=build.int8,
+            precision=build.precision,
             cache_dir=Path(build.graph_cache).expanduser() if build.graph_cache else None,
             spin=build.spin_wait,
         )

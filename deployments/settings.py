@@ -99,7 +99,9 @@ class TowerSettings(_Replicated):
     backend: Backend = Field(
         "eager",
         description="runtime of the tower's heavy part (audioclip.backends): eager PyTorch, onnxruntime"
-        " (text, image) or openvino (text, image, audio); CPU, fp32, graphs cached by checkpoint sha256",
+        " (text, image) or openvino (text, image, audio; dtype bf16 for text and image runs bf16 where"
+        " the CPU has it);"
+        " CPU, graphs cached by checkpoint sha256",
     )
     int8: bool = Field(False, description="int8 on onnxruntime: dynamic for text, calibrated QDQ for image")
     graph_cache: str | None = Field(None, description="exported graphs' folder; default ~/.cache/audioclip")
@@ -227,14 +229,22 @@ class AppArgs(_Strict):
 
     @model_validator(mode="after")
     def _backends_apply(self) -> AppArgs:
-        """A runtime other than eager runs fp32 on the CPU (int8 where offered), audio with running norms."""
+        """A runtime other than eager runs on the CPU in fp32, or in bf16 / int8 where offered, audio
+        with running norms."""
         for name in self.towers:
             tower = self.tower(name)
-            check_backend(name, tower.backend, tower.int8)
+            if tower.int8 and tower.dtype not in (None, "fp32"):
+                raise ValueError(f"{name}: int8 and dtype {tower.dtype} are two precisions; pick one")
             if tower.backend == "eager":
+                check_backend(name, tower.backend, "int8" if tower.int8 else "fp32")
                 continue
-            if tower.num_gpus > 0 or tower.dtype not in (None, "fp32"):
-                raise ValueError(f"{name} backend {tower.backend} runs fp32 on the CPU: no num_gpus or dtype")
+            if tower.dtype == "fp16":
+                raise ValueError(
+                    f"{name} backend {tower.backend} runs on the CPU: dtype fp32 or bf16, not fp16"
+                )
+            check_backend(name, tower.backend, tower.build(self.audio_norm).precision)
+            if tower.num_gpus > 0:
+                raise ValueError(f"{name} backend {tower.backend} runs on the CPU: no num_gpus")
             if name == "audio" and self.audio_norm != "running":
                 raise ValueError(f"audio backend {tower.backend} needs audio_norm 'running'")
         return self

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from audioclip.backends import BACKENDS, FP32_TOWERS, INT8_TOWERS, hot_part
+from audioclip.backends import BACKENDS, BF16_TOWERS, FP32_TOWERS, INT8_TOWERS, hot_part
 from audioclip.batching import pad_token_ids
 from audioclip.factory import TowerBuild, build_tower, digest_arrays
 from audioclip.model import AudioCLIP
@@ -435,6 +435,13 @@ def matmul_rates(threads: int, n: int = 2048, calls: int = 10) -> dict[str, floa
     }
 
 
+def bf16_matmul_rate(n: int = 2048, calls: int = 10) -> float:
+    """GFLOP/s of an ``n x n`` bf16 matmul through torch (oneDNN: AMX or AVX512-BF16 where the CPU has
+    them, much slower emulation where not): the limit for the bf16 rows."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    return _best_rate(lambda: torch.mm(a, b), n, calls)
+
+
 def flops_of(fn: Fn) -> float:
     """FLOPs of one eager call (torch's FlopCounterMode: matmuls, convs, attention)."""
     with FlopCounterMode(display=False) as counter:
@@ -461,6 +468,8 @@ def backend_models(
     for backend in BACKENDS[1:]:
         if tower in FP32_TOWERS[backend]:
             variants.append((f"{backend} fp32", TowerBuild(backend=backend)))
+        if tower in BF16_TOWERS.get(backend, ()):
+            variants.append((f"{backend} bf16", TowerBuild(backend=backend, dtype="bf16")))
         if tower in INT8_TOWERS.get(backend, ()):
             variants.append((f"{backend} int8", TowerBuild(backend=backend, int8=True)))
     built = []
@@ -477,13 +486,14 @@ def backend_models(
 def bench_backends(
     state: dict,
     batches: dict[str, Sequence[int]],
-    rate: float,
+    rates: dict[str, float],
     budget: Budget,
     cache: Path,
     compile_eager: bool = False,
 ) -> list[Row]:
     """Each tower on each runtime, whole tower calls (front end and projections included), with
-    the eager call's FLOPs turned into GFLOP/s and a share of the matmul rate."""
+    the eager call's FLOPs turned into GFLOP/s and a share of the matmul rate of its precision
+    (``rates``: "fp32", "bf16")."""
     text_pipeline = pipelines()["text"]
     inputs = {
         "text": lambda b: [item.ids for item in text_pipeline.prepare_all(queries(b))],
@@ -506,16 +516,17 @@ def bench_backends(
             for row in case_rows:
                 row.gflop_per_call = flops / 1e9
                 row.gflop_per_s = flops / 1e9 / (row.median_ms / 1e3)
-                row.share_of_matmul = row.gflop_per_s / rate
+                row.share_of_matmul = row.gflop_per_s / rates["bf16" if "bf16" in row.variant else "fp32"]
             rows += case_rows
     return rows
 
 
-def backends_table(rows: Sequence[Row], rates: dict[str, float]) -> str:
+def backends_table(rows: Sequence[Row], rates: dict[str, float], bf16_rate: float) -> str:
     measured = ", ".join(f"{name} {value:.1f}" for name, value in rates.items())
     lines = [
         f"fp32 matmul 2048x2048 on {rows[0].threads if rows else '?'} threads, GFLOP/s: {measured}; "
-        f"the share below is of the best, {max(rates.values()):.1f}\n",
+        f"the share below is of the best, {max(rates.values()):.1f} (bf16 rows: of the bf16 matmul, "
+        f"torch {bf16_rate:.1f})\n",
         "| tower | batch | variant | ms/call | items/s | speed-up | GFLOP/call | GFLOP/s | of matmul rate "
         "| max rel dev | min cos | first call s |",
         "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
@@ -639,8 +650,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     state = synthetic_state_dict("demo")
     rates = matmul_rates(torch.get_num_threads())
-    rate = max(rates.values())
-    log(f"fp32 matmul rates (GFLOP/s): {rates}")
+    bf16_rate = bf16_matmul_rate()
+    log(f"fp32 matmul rates (GFLOP/s): {rates}; bf16 (torch): {bf16_rate:.1f}")
     with tempfile.TemporaryDirectory(prefix="graphs-") as tmp:
         batches = {
             "text": args.backend_text_batches,
@@ -649,14 +660,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         batches = {tower: batches[tower] for tower in args.towers}
         backend_rows = bench_backends(
-            state, batches, rate, budget, args.graph_cache or Path(tmp), args.compile
+            state,
+            batches,
+            {"fp32": max(rates.values()), "bf16": bf16_rate},
+            budget,
+            args.graph_cache or Path(tmp),
+            args.compile,
         )
     if args.only_backends:
-        print(backends_table(backend_rows, rates))
+        print(backends_table(backend_rows, rates, bf16_rate))
         if args.json:
             args.json.write_text(
                 json.dumps(
-                    {"machine": info, "matmul_gflop_s": rates, "backends": [asdict(r) for r in backend_rows]},
+                    {
+                        "machine": info,
+                        "matmul_gflop_s": rates,
+                        "bf16_matmul_gflop_s": bf16_rate,
+                        "backends": [asdict(r) for r in backend_rows],
+                    },
                     indent=2,
                 )
                 + "\n"
@@ -682,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{info['load_after'][0]:.2f}, wall {info['wall_s']:.0f} s\n"
     )
     print(markdown_table(rows) + "\n")
-    print(backends_table(backend_rows, rates) + "\n")
+    print(backends_table(backend_rows, rates, bf16_rate) + "\n")
     for tower, c in copies.items():
         print(
             f"channels_last, {tower}: copied {c['copied_mib']:.1f} MiB "
@@ -701,6 +722,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "channels_last_copy": copies,
             "bf16_accuracy": bf16,
             "matmul_gflop_s": rates,
+            "bf16_matmul_gflop_s": bf16_rate,
             "backends": [asdict(r) for r in backend_rows],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

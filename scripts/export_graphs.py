@@ -20,17 +20,18 @@ from pathlib import Path
 from audioclip.backends import DEFAULT_CACHE_DIR, check_backend, runtime_of
 from audioclip.factory import TowerBuild, build_tower, load_weights
 
-DEFAULTS = ("text=onnxruntime", "image=onnxruntime", "audio=openvino")  # the CPU configs' choices
+DEFAULTS = ("text=openvino", "image=onnxruntime", "audio=openvino")  # the CPU configs' choices
 
 
 def parse_tower(spec: str) -> tuple[str, str, bool]:
-    """``tower=backend[:int8]`` -> (tower, backend, int8), refused when the backend cannot run it."""
+    """``tower=backend[:int8]`` -> (tower, backend, int8), refused when the backend cannot run it.
+    (A bf16 OpenVINO tower loads the fp32 graph: its precision is chosen when it is compiled.)"""
     tower, _, backend = spec.partition("=")
     backend, _, precision = backend.partition(":")
     if precision not in ("", "int8"):
         raise argparse.ArgumentTypeError(f"{spec}: the precision after ':' can only be int8")
     try:
-        check_backend(tower, backend, precision == "int8")
+        check_backend(tower, backend, "int8" if precision else "fp32")
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{spec}: {error}") from None
     return tower, backend, precision == "int8"

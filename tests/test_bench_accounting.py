@@ -57,6 +57,52 @@ def test_raw_call_runs_the_served_text_pipeline(shared_weights):
     np.testing.assert_allclose(out, model.encode_text(texts).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_raw_results_name_the_runtime_that_ran(tmp_path):
+    """A raw row says what ran the tower's hot part, as the replica's ``/v1/models`` entry does: with
+    ``dtype: bf16`` on OpenVINO, bf16 where this CPU has it, else the fp32 graph and why."""
+    from audioclip.backends import cpu_has_bf16
+    from audioclip_serve.bench.inputs import make_inputs
+    from audioclip_serve.bench.raw import run_raw
+
+    text = {"backend": "openvino", "dtype": "bf16", "threads": 1, "graph_cache": str(tmp_path)}
+    settings = AppArgs.model_validate({"towers": ["text"], "text": text})
+    [row] = run_raw({"queries": make_inputs(["queries"])["queries"][:2]}, 0.0, 0.0, settings)
+    assert row.batch == 1 and row.items_per_s > 0
+    assert row.runtime.startswith("openvino bf16: " if cpu_has_bf16() else "openvino fp32 (bf16 asked")
+
+
+def test_served_runtimes_are_read_from_the_models_route():
+    """The report records each served tower's runtime from ``/v1/models`` over real HTTP, and nothing
+    (not a failure) from an app that refuses to say."""
+    import http.server
+    import json
+    import threading
+
+    from audioclip_serve.bench.cli import served_runtimes
+
+    towers = {"text": {"runtime": "openvino bf16: text.xml"}, "audio": {"state": "scaled_to_zero"}}
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"towers": towers}).encode()
+            self.send_response(200 if self.path == "/v1/models" else 401)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert served_runtimes(url) == {"text": "openvino bf16: text.xml", "audio": "scaled_to_zero"}
+        assert served_runtimes(url + "/secured") == {}  # answered 401
+    finally:
+        server.shutdown()
+
+
 def test_cpu_ms_per_request_counts_the_serving_cluster_only():
     cores = {
         "proxy": 0.2,

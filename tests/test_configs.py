@@ -52,14 +52,27 @@ def test_conv_layout_defaults():
         ({"audio": {"backend": "onnxruntime"}}, "onnxruntime runs fp32 for image, text, not the audio"),
         ({"audio": {"backend": "onnxruntime", "int8": True}}, "int8 for image, text, not the audio"),
         ({"text": {"int8": True}}, "eager runs int8 for no tower"),
-        ({"text": {"backend": "openvino", "num_gpus": 0.5}}, "runs fp32 on the CPU"),
-        ({"image": {"backend": "onnxruntime", "dtype": "fp16"}}, "runs fp32 on the CPU"),
+        ({"text": {"backend": "openvino", "num_gpus": 0.5}}, "runs on the CPU: no num_gpus"),
+        ({"image": {"backend": "onnxruntime", "dtype": "fp16"}}, "dtype fp32 or bf16, not fp16"),
+        ({"image": {"backend": "onnxruntime", "dtype": "bf16"}}, "onnxruntime runs bf16 for no tower"),
+        (
+            {"audio": {"backend": "openvino", "dtype": "bf16"}},
+            "openvino runs bf16 for image, text, not the audio",
+        ),
+        ({"text": {"backend": "onnxruntime", "int8": True, "dtype": "bf16"}}, "two precisions; pick one"),
         ({"audio_norm": "per_clip", "audio": {"backend": "openvino"}}, "needs audio_norm 'running'"),
     ],
 )
 def test_layout_settings_that_cannot_apply_are_refused_when_the_app_is_built(args, message):
     with pytest.raises(ValueError, match=message):
         build_app(args)
+
+
+def test_bf16_on_openvino_is_a_precision_of_the_graph_not_of_pytorch():
+    """``dtype: bf16`` with OpenVINO (text, image) builds the fp32 model with a bf16 graph."""
+    args = AppArgs.model_validate({"text": {"backend": "openvino", "dtype": "bf16"}})
+    assert args.text.build(args.audio_norm).precision == "bf16"
+    assert AppArgs().text.build("running").precision == "fp32"
 
 
 def test_the_cluster_config_ships_the_code_and_every_dependency_but_the_runtime():

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -123,6 +124,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def served_runtimes(url: str) -> dict[str, str]:
+    """What runs each served tower's hot part (``/v1/models``), so a report says what it measured:
+    e.g. a bf16 graph, or the fp32 one on a CPU without bf16. Empty where the app refuses to say
+    (an API key)."""
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as answer:
+            towers = json.load(answer)["towers"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {name: str(tower.get("runtime", tower.get("state", "?"))) for name, tower in towers.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["RAY_AUTH_MODE"] = "disabled"  # for serve run, its cluster and our drivers
@@ -159,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grpc_target = app.grpc_target
         try:
             code_served = git_state()  # the replicas imported the serving code in between
+            runtimes = served_runtimes(url)
             root_pids = app.root_pids() if app is not None else None
             served = run_cases(
                 cases, args, inputs_path, inputs, url, ray_address, grpc_target, raw, root_pids, settings
@@ -178,11 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "inputs": describe_inputs(inputs),
             "app_ready_s": round(ready_s, 1),
             "raw": [asdict(r) for r in raw_list],
+            "served_runtimes": runtimes,
             "served": [asdict(r) for r in served],
             "targets": [{**asdict(t), "met": t.met} for t in targets],
             "duration_s": round(time.time() - started, 1),
         }
         print("## Raw (in-process towers, decoding included)\n\n" + raw_table(raw_list))
+        print(
+            "\nServed towers' runtimes: " + (", ".join(f"{k}: {v}" for k, v in runtimes.items()) or "unknown")
+        )
         print("\n## Served\n\n" + served_table(served))
         print("\n## Where the time goes (HTTP, mean ms per request)\n\n" + time_split_table(served))
         print("\n## CPU cores busy by role\n\n" + cpu_role_table(served))

@@ -24,6 +24,7 @@ class RawResult:
     iters: int
     items_per_s: float
     other_cores: float = 0.0  # CPU used by other processes meanwhile: should be ~0
+    runtime: str = "eager PyTorch"  # what ran the hot part (the label /v1/models gives a replica's)
 
 
 def raw_call(model: Any, modality: str, payload: list, settings: Any) -> Callable[[], Any]:
@@ -93,6 +94,7 @@ def run_raw(
     import torch
 
     import audioclip
+    from audioclip.backends import runtime_of
     from audioclip.factory import build_tower
 
     state = audioclip.synthetic_state_dict("demo")
@@ -107,10 +109,11 @@ def run_raw(
             build = dataclasses.replace(build, channels_last=modality in channels_last)
         torch.set_num_threads(threads or tower.torch_threads)
         model = build_tower(state, modality, build)
+        runtime = getattr(runtime_of(model, modality), "label", "eager PyTorch")
         log(
             f"raw | {modality} on {model.device}, {build.dtype or 'fp32'}, "
             f"{torch.get_num_threads()} threads, channels_last {model.channels_last}, "
-            f"BatchNorm folded {model.batchnorm_folded}"
+            f"BatchNorm folded {model.batchnorm_folded}, runtime {runtime}"
         )
         for name in names:
             batches, single_s = [1], None
@@ -122,7 +125,9 @@ def run_raw(
                 times = time_call(call, seconds)
                 other = cores_elsewhere(before, cpu_by_pid(), time.perf_counter() - t0)
                 median = statistics.median(times)
-                results.append(RawResult(name, modality, batch, median, len(times), batch / median, other))
+                results.append(
+                    RawResult(name, modality, batch, median, len(times), batch / median, other, runtime)
+                )
                 log(
                     f"    {1e3 * median:.1f} ms/call x{len(times)}, {batch / median:.2f} items/s"
                     + (f" (WARNING: other processes used {other:.2f} cores)" if other > 0.15 else "")
