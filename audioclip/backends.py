@@ -28,8 +28,9 @@ openvino       text, image, audio    text, image           -
 
 ``bf16`` compiles the same OpenVINO graph with bf16 inference precision (weights and matmul/conv
 inputs in bf16, accumulation in fp32). It runs bf16 only on CPUs with native bf16 instructions
-(AVX512-BF16 or AMX), where it is 2-4x fp32; elsewhere emulating it would be slower than fp32, so
-the graph runs fp32 and its label says so.
+(AVX512-BF16 or AMX), where it is about 2-6x fp32; elsewhere emulating it would be slower than fp32,
+so the graph runs fp32 and its label says so. (An eager tower's ``dtype`` is PyTorch's own dtype, a
+GPU setting, not a graph precision.)
 """
 
 from __future__ import annotations
@@ -77,16 +78,20 @@ RunGraph = Callable[[np.ndarray], np.ndarray]
 logger = logging.getLogger(__name__)
 
 
-def check_backend(tower: str, backend: str, precision: Precision = "fp32") -> None:
+def check_backend(tower: str, backend: str, precision: str = "fp32") -> None:
     """Raise ``ValueError`` naming what is offered when ``backend`` cannot run ``tower`` in ``precision``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if precision not in _OFFERED:
-        raise ValueError(f"precision must be one of {', '.join(_OFFERED)}, not {precision!r}")
-    offered = _OFFERED[precision].get(backend, frozenset())
-    if tower not in offered:
-        towers = ", ".join(sorted(offered)) or "no tower"
-        raise ValueError(f"backend {backend} runs {precision} for {towers}, not the {tower} tower")
+    if precision in _OFFERED:
+        offered = _OFFERED[precision].get(backend, frozenset())
+        if tower not in offered:
+            towers = ", ".join(sorted(offered)) or "no tower"
+            raise ValueError(f"backend {backend} runs {precision} for {towers}, not the {tower} tower")
+        return
+    runs = [name for name, towers in _OFFERED.items() if tower in towers.get(backend, ())]
+    raise ValueError(
+        f"backend {backend} runs the {tower} tower in {' or '.join(runs) or 'no precision'}, not {precision}"
+    )
 
 
 def cpu_has_vnni() -> bool:
@@ -373,8 +378,10 @@ def use_backend(
         runner, runs = onnxruntime_runner(path, threads, spin), precision
     else:
         runner, runs = openvino_runner(path, threads, bf16=precision == "bf16")
-    note = " (bf16 asked; this CPU has no bf16 instructions)" if runs != precision else ""
-    if note:
+    note = ""
+    if runs != precision:
+        why = "OpenVINO compiled fp32" if cpu_has_bf16() else "this CPU has no bf16 instructions"
+        note = f" (bf16 asked; {why})"
         logger.warning("%s tower: %s runs fp32%s", tower, backend, note)
     part.install(RuntimeGraph(runner, f"{backend} {runs}{note}: {path.name}"))
     return str(path)

@@ -235,13 +235,9 @@ class AppArgs(_Strict):
             tower = self.tower(name)
             if tower.int8 and tower.dtype not in (None, "fp32"):
                 raise ValueError(f"{name}: int8 and dtype {tower.dtype} are two precisions; pick one")
-            if tower.backend == "eager":
+            if tower.backend == "eager":  # dtype is PyTorch's own (a GPU setting)
                 check_backend(name, tower.backend, "int8" if tower.int8 else "fp32")
                 continue
-            if tower.dtype == "fp16":
-                raise ValueError(
-                    f"{name} backend {tower.backend} runs on the CPU: dtype fp32 or bf16, not fp16"
-                )
             check_backend(name, tower.backend, tower.build(self.audio_norm).precision)
             if tower.num_gpus > 0:
                 raise ValueError(f"{name} backend {tower.backend} runs on the CPU: no num_gpus")

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from audioclip.backends import BACKENDS, BF16_TOWERS, FP32_TOWERS, INT8_TOWERS, hot_part
+from audioclip.backends import BACKENDS, BF16_TOWERS, FP32_TOWERS, INT8_TOWERS, cpu_has_bf16, hot_part
 from audioclip.batching import pad_token_ids
 from audioclip.factory import TowerBuild, build_tower, digest_arrays
 from audioclip.model import AudioCLIP
@@ -435,9 +435,11 @@ def matmul_rates(threads: int, n: int = 2048, calls: int = 10) -> dict[str, floa
     }
 
 
-def bf16_matmul_rate(n: int = 2048, calls: int = 10) -> float:
-    """GFLOP/s of an ``n x n`` bf16 matmul through torch (oneDNN: AMX or AVX512-BF16 where the CPU has
-    them, much slower emulation where not): the limit for the bf16 rows."""
+def bf16_matmul_rate(n: int = 2048, calls: int = 10) -> float | None:
+    """GFLOP/s of an ``n x n`` bf16 matmul through torch (oneDNN on AMX or AVX512-BF16): the limit for
+    the bf16 rows; None on a CPU without them (no bf16 rows there)."""
+    if not cpu_has_bf16():
+        return None
     a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
     return _best_rate(lambda: torch.mm(a, b), n, calls)
 
@@ -468,7 +470,7 @@ def backend_models(
     for backend in BACKENDS[1:]:
         if tower in FP32_TOWERS[backend]:
             variants.append((f"{backend} fp32", TowerBuild(backend=backend)))
-        if tower in BF16_TOWERS.get(backend, ()):
+        if tower in BF16_TOWERS.get(backend, ()) and cpu_has_bf16():  # elsewhere it is the fp32 graph
             variants.append((f"{backend} bf16", TowerBuild(backend=backend, dtype="bf16")))
         if tower in INT8_TOWERS.get(backend, ()):
             variants.append((f"{backend} int8", TowerBuild(backend=backend, int8=True)))
@@ -521,12 +523,12 @@ def bench_backends(
     return rows
 
 
-def backends_table(rows: Sequence[Row], rates: dict[str, float], bf16_rate: float) -> str:
+def backends_table(rows: Sequence[Row], rates: dict[str, float], bf16_rate: float | None) -> str:
     measured = ", ".join(f"{name} {value:.1f}" for name, value in rates.items())
+    bf16 = f"bf16 rows: of the bf16 matmul, torch {bf16_rate:.1f}" if bf16_rate else "no bf16 on this CPU"
     lines = [
         f"fp32 matmul 2048x2048 on {rows[0].threads if rows else '?'} threads, GFLOP/s: {measured}; "
-        f"the share below is of the best, {max(rates.values()):.1f} (bf16 rows: of the bf16 matmul, "
-        f"torch {bf16_rate:.1f})\n",
+        f"the share below is of the best, {max(rates.values()):.1f} ({bf16})\n",
         "| tower | batch | variant | ms/call | items/s | speed-up | GFLOP/call | GFLOP/s | of matmul rate "
         "| max rel dev | min cos | first call s |",
         "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
@@ -651,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = synthetic_state_dict("demo")
     rates = matmul_rates(torch.get_num_threads())
     bf16_rate = bf16_matmul_rate()
-    log(f"fp32 matmul rates (GFLOP/s): {rates}; bf16 (torch): {bf16_rate:.1f}")
+    log(f"fp32 matmul rates (GFLOP/s): {rates}; bf16 (torch): {bf16_rate}")
     with tempfile.TemporaryDirectory(prefix="graphs-") as tmp:
         batches = {
             "text": args.backend_text_batches,

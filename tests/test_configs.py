@@ -53,7 +53,15 @@ def test_conv_layout_defaults():
         ({"audio": {"backend": "onnxruntime", "int8": True}}, "int8 for image, text, not the audio"),
         ({"text": {"int8": True}}, "eager runs int8 for no tower"),
         ({"text": {"backend": "openvino", "num_gpus": 0.5}}, "runs on the CPU: no num_gpus"),
-        ({"image": {"backend": "onnxruntime", "dtype": "fp16"}}, "dtype fp32 or bf16, not fp16"),
+        (
+            {"image": {"backend": "onnxruntime", "dtype": "fp16"}},
+            "runs the image tower in fp32 or int8, not fp16",
+        ),
+        ({"text": {"backend": "openvino", "dtype": "fp16"}}, "runs the text tower in fp32 or bf16, not fp16"),
+        (
+            {"audio": {"backend": "onnxruntime", "dtype": "fp16"}},
+            "onnxruntime runs the audio tower in no precision, not fp16",
+        ),
         ({"image": {"backend": "onnxruntime", "dtype": "bf16"}}, "onnxruntime runs bf16 for no tower"),
         (
             {"audio": {"backend": "openvino", "dtype": "bf16"}},
