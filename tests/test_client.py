@@ -47,6 +47,18 @@ def busy_args(checkpoint: Path) -> dict:
     }
 
 
+def bf16_args(checkpoint: Path) -> dict:
+    """The text tower on OpenVINO in bf16 (the fp32 graph where this CPU has no bf16)."""
+    text = {"num_cpus": 0, "threads": 1, "backend": "openvino", "dtype": "bf16", "batch_wait_timeout_s": 0.0}
+    return {
+        **TEST_ARGS,
+        "checkpoint": str(checkpoint),
+        "model_name": "audioclip-bf16",
+        "towers": ["text"],
+        "text": text,
+    }
+
+
 @pytest.fixture(scope="module")
 def server(request, shared_weights, tmp_path_factory):
     """The app with ``max_items: 8`` at ``/`` and the busy one at ``/busy``, deployed together so that
@@ -64,12 +76,14 @@ def server(request, shared_weights, tmp_path_factory):
     targets = [
         RunTarget(build_app(args), name="audioclip", route_prefix="/"),
         RunTarget(build_app(busy_args(text_only)), name="busy", route_prefix="/busy"),
+        RunTarget(build_app(bf16_args(text_only)), name="bf16", route_prefix="/bf16"),
     ]
     serve.run_many(targets, wait_for_applications_running=False)
     request.getfixturevalue("model")
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
     wait_ready(f"{url}/busy")
+    wait_ready(f"{url}/bf16")
     print(f"\napps ready {time.monotonic() - started:.1f} s after serve.run_many")
     yield url
     serve.shutdown()
@@ -179,6 +193,29 @@ def test_503_is_retried_until_it_succeeds(server, model):
         with pytest.raises(AudioCLIPHTTPError) as err:
             intruder.embed_text(["let me in"])
         assert (err.value.status, err.value.type, intruder.retries) == (401, "unauthorized", 0)
+
+
+def test_a_bf16_text_tower_serves_the_bf16_graph(server, model, shared_weights):
+    """``dtype: bf16`` on OpenVINO, served: ``/v1/models`` names what runs, and the answers are the
+    library's own build of that tower (where this CPU has bf16: within cosine 0.99 of fp32 yet not the
+    fp32 numbers; elsewhere the fp32 graph at fp32 parity)."""
+    from audioclip.backends import cpu_has_bf16
+    from audioclip.factory import TowerBuild, build_tower
+
+    texts = ["a dog barking", "rain on a tin roof", "a church bell", "an engine starting on a cold morning"]
+    with AudioCLIPClient(f"{server}/bf16", timeout=120) as bf16:
+        runtime = bf16.models()["towers"]["text"]["runtime"]
+        served = bf16.embed_text(texts)
+    fp32 = model.encode_text(texts).numpy()
+    local = build_tower(shared_weights, "text", TowerBuild(backend="openvino", dtype="bf16", threads=1))
+    assert_matches(served, local.encode_text(texts), 0.9999)
+    if cpu_has_bf16():
+        assert runtime.startswith("openvino bf16: ")
+        assert row_cosines(served, fp32).min() >= 0.99
+        assert np.abs(served - fp32).max() / np.abs(fp32).max() > 1e-4  # not the fp32 graph
+    else:
+        assert runtime.startswith("openvino fp32 (bf16 asked; this CPU has no bf16 instructions): ")
+        assert_matches(served, fp32, 0.99999)
 
 
 # ---------------------------------------------------------------------------- the CLI
