@@ -35,6 +35,7 @@ GPU setting, not a graph precision.)
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -94,22 +95,24 @@ def check_backend(tower: str, backend: str, precision: str = "fp32") -> None:
     )
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo; none where it cannot be read)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(word for line in info.splitlines() if line.startswith("flags") for word in line.split())
+
+
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI): int8 dot products without overflow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def cpu_has_bf16() -> bool:
     """Whether this x86 CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 # ---------------------------------------------------------------------------- hot parts
