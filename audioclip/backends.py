@@ -28,8 +28,9 @@ openvino       text, image, audio    text, image           -
 
 ``bf16`` compiles the same OpenVINO graph with bf16 inference precision (weights and matmul/conv
 inputs in bf16, accumulation in fp32). It runs bf16 only on CPUs with native bf16 instructions
-(AVX512-BF16 or AMX), where it is about 2-6x fp32; elsewhere emulating it would be slower than fp32,
-so the graph runs fp32 and its label says so. (An eager tower's ``dtype`` is PyTorch's own dtype, a
+(AVX512-BF16 or AMX), where it ran 1.6-3.4x OpenVINO fp32 for text and 3.8-5.7x for images (2-vCPU
+Xeon with AMX, docs/BENCHMARKS.md); elsewhere emulating it would be slower than fp32, so the graph
+runs fp32 and its label says so. (An eager tower's ``dtype`` is PyTorch's own dtype, a
 GPU setting, not a graph precision.)
 """
 
@@ -62,7 +63,6 @@ INT8_TOWERS: dict[str, frozenset[str]] = {"onnxruntime": frozenset({"text", "ima
 # Not audio: its spectrogram front end in bf16 left the golden clips at min cosine 0.993 (text
 # 0.99997, image 0.99999), too near the 0.99 bar for weights it was not measured on.
 BF16_TOWERS: dict[str, frozenset[str]] = {"openvino": frozenset({"text", "image"})}
-Precision = Literal["fp32", "bf16", "int8"]
 _OFFERED: dict[str, dict[str, frozenset[str]]] = {
     "fp32": FP32_TOWERS,
     "bf16": BF16_TOWERS,
@@ -190,6 +190,12 @@ class RuntimeGraph(nn.Module):
 
     def extra_repr(self) -> str:
         return self.label
+
+
+def runtime_label(model: nn.Module, tower: str) -> str:
+    """What runs ``tower``'s hot part, as ``/v1/models`` and the benchmarks report it."""
+    runtime = runtime_of(model, tower)
+    return runtime.label if runtime is not None else "eager PyTorch"
 
 
 def runtime_of(model: nn.Module, tower: str) -> RuntimeGraph | None:
@@ -347,7 +353,7 @@ def use_backend(
     *,
     weights_sha256: str,
     threads: int,
-    precision: Precision = "fp32",
+    precision: str = "fp32",
     cache_dir: Path | None = None,
     spin: bool | None = None,
 ) -> str:

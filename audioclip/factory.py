@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .backends import Backend, check_backend, use_backend
+from .backends import Backend, use_backend
 from .checkpoint import read_state_dict, verify_known_checkpoint
 from .model import AudioCLIP, AudioNorm
 from .synthetic import synthetic_state_dict
@@ -77,7 +77,7 @@ class TowerBuild:
     @property
     def precision(self) -> str:
         """What a runtime's graph computes in: ``int8``, else ``dtype`` (None: fp32). ``int8`` with a
-        reduced ``dtype`` is two precisions at once, which ``check_backend`` refuses by name."""
+        reduced ``dtype`` is two precisions at once, which ``use_backend`` refuses by name."""
         dtype = self.dtype or "fp32"
         if self.int8:
             return "int8" if dtype == "fp32" else f"int8 and {dtype}"
@@ -120,7 +120,6 @@ def build_tower(
     dtype = None if runtime else build.dtype
     model = AudioCLIP.from_state_dict(state, device, (tower,), dtype=dtype, audio_norm=build.audio_norm)
     if runtime:
-        check_backend(tower, build.backend, build.precision)  # before any work: fp16 is refused here
         if build.fold_batchnorm:
             model.fold_batchnorm()  # the runtimes fold BatchNorm themselves; unfolded, no private copy
         use_backend(

@@ -99,9 +99,8 @@ class TowerSettings(_Replicated):
     backend: Backend = Field(
         "eager",
         description="runtime of the tower's heavy part (audioclip.backends): eager PyTorch, onnxruntime"
-        " (text, image) or openvino (text, image, audio; dtype bf16 for text and image runs bf16 where"
-        " the CPU has it);"
-        " CPU, graphs cached by checkpoint sha256",
+        " (text, image) or openvino (text, image, audio; with dtype bf16, text and image run bf16 where"
+        " the CPU has it); CPU, graphs cached by checkpoint sha256",
     )
     int8: bool = Field(False, description="int8 on onnxruntime: dynamic for text, calibrated QDQ for image")
     graph_cache: str | None = Field(None, description="exported graphs' folder; default ~/.cache/audioclip")
@@ -233,8 +232,6 @@ class AppArgs(_Strict):
         with running norms."""
         for name in self.towers:
             tower = self.tower(name)
-            if tower.int8 and tower.dtype not in (None, "fp32"):
-                raise ValueError(f"{name}: int8 and dtype {tower.dtype} are two precisions; pick one")
             if tower.backend == "eager":  # dtype is PyTorch's own (a GPU setting)
                 check_backend(name, tower.backend, "int8" if tower.int8 else "fp32")
                 continue

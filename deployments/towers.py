@@ -28,7 +28,7 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from audioclip import InvalidInputError, Reason
-from audioclip.backends import runtime_of
+from audioclip.backends import runtime_label
 from audioclip.factory import build_tower
 from audioclip.pipeline import Options, Prepared
 
@@ -216,7 +216,7 @@ class TowerBase:
             "batchnorm_folded": self.model.batchnorm_folded,
             "backend": self.args.build.backend,
             "int8": self.args.build.int8,
-            "runtime": getattr(runtime_of(self.model, self.tower), "label", "eager PyTorch"),
+            "runtime": runtime_label(self.model, self.tower),
             "checkpoint_sha256": self.checkpoint["sha256"],
             "load_seconds": round(self.load_seconds, 3),
             "pid": os.getpid(),

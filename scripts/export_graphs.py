@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from audioclip.backends import DEFAULT_CACHE_DIR, check_backend, runtime_of
+from audioclip.backends import DEFAULT_CACHE_DIR, check_backend, runtime_label
 from audioclip.factory import TowerBuild, build_tower, load_weights
 
 DEFAULTS = ("text=openvino", "image=onnxruntime", "audio=openvino")  # the CPU configs' choices
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         build = TowerBuild(backend=backend, int8=int8, graph_cache=str(args.cache))
         model = build_tower(state, tower, build, weights_sha256=info.sha256)
-        print(f"{tower}\t{runtime_of(model, tower).label}\t{time.perf_counter() - started:.1f} s")
+        print(f"{tower}\t{runtime_label(model, tower)}\t{time.perf_counter() - started:.1f} s")
     print(f"cache: {args.cache / info.sha256[:32]}", file=sys.stderr)
     return 0
 

@@ -73,8 +73,8 @@ def test_fp32_backend_keeps_golden_parity(
 
 
 def test_a_runtime_build_refuses_a_precision_it_cannot_run(shared_weights):
-    """``build_tower`` refuses what settings refuse (fp16 on a CPU runtime, int8 with bf16) before any
-    work, instead of running another precision than the one asked for."""
+    """``build_tower`` refuses what settings refuse (fp16 on a CPU runtime, int8 with bf16) instead of
+    running another precision than the one asked for."""
     with pytest.raises(ValueError, match="openvino runs the text tower in fp32 or bf16, not fp16"):
         build_tower(shared_weights, "text", TowerBuild(backend="openvino", dtype="fp16"))
     with pytest.raises(ValueError, match="not int8 and bf16"):

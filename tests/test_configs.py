@@ -67,7 +67,11 @@ def test_conv_layout_defaults():
             {"audio": {"backend": "openvino", "dtype": "bf16"}},
             "openvino runs bf16 for image, text, not the audio",
         ),
-        ({"text": {"backend": "onnxruntime", "int8": True, "dtype": "bf16"}}, "two precisions; pick one"),
+        (
+            {"text": {"backend": "onnxruntime", "int8": True, "dtype": "bf16"}},
+            "in fp32 or int8, not int8 and bf16",
+        ),
+        ({"text": {"int8": True, "dtype": "fp16"}}, "eager runs int8 for no tower"),
         ({"audio_norm": "per_clip", "audio": {"backend": "openvino"}}, "needs audio_norm 'running'"),
     ],
 )

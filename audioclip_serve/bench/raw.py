@@ -94,7 +94,7 @@ def run_raw(
     import torch
 
     import audioclip
-    from audioclip.backends import runtime_of
+    from audioclip.backends import runtime_label
     from audioclip.factory import build_tower
 
     state = audioclip.synthetic_state_dict("demo")
@@ -109,7 +109,7 @@ def run_raw(
             build = dataclasses.replace(build, channels_last=modality in channels_last)
         torch.set_num_threads(threads or tower.torch_threads)
         model = build_tower(state, modality, build)
-        runtime = getattr(runtime_of(model, modality), "label", "eager PyTorch")
+        runtime = runtime_label(model, modality)
         log(
             f"raw | {modality} on {model.device}, {build.dtype or 'fp32'}, "
             f"{torch.get_num_threads()} threads, channels_last {model.channels_last}, "
