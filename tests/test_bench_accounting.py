@@ -3,6 +3,7 @@ path runs, the CPU per request, and the readiness wait the soak and the tests sh
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,14 +168,20 @@ def test_serve_env_is_parsed_as_key_value_pairs():
         parse_args(["--serve-env", "RAY_A"])
 
 
-def test_make_demo_sets_the_benchmarked_serve_environment():
-    """The benchmark measures what `make demo` serves: its Serve variables are the bench's SERVE_ENV."""
-    from audioclip_serve.bench.serveapp import SERVE_ENV
+def test_make_demo_and_the_benchmark_serve_in_one_environment(tmp_path):
+    """`make demo` sets no Ray variable of its own: it and the benchmark's app both get the launcher's
+    SERVING_ENV, under whatever the caller sets (a lever under test, or the bench's auth mode)."""
+    from audioclip_serve.bench.serveapp import ServeApp
+    from audioclip_serve.local_head import SERVING_ENV, LocalHead
 
     root = Path(__file__).resolve().parents[1]
     dry = subprocess.run(["make", "-n", "demo"], cwd=root, capture_output=True, text=True, check=True)
     line = next(x for x in dry.stdout.splitlines() if "audioclip_serve.local_head " in x)
-    demo_env = dict(w.split("=", 1) for w in line.split() if "=" in w and w.startswith("RAY_SERVE_"))
-    assert demo_env == {k: v for k, v in SERVE_ENV.items() if k.startswith("RAY_SERVE_")} | {
-        "RAY_SERVE_SLOW_STARTUP_WARNING_S": "120"
-    }
+    assert not [w for w in line.split() if "=" in w and w.startswith(("RAY_", "REPORTER_"))]
+
+    lever = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}
+    app = ServeApp(root / "configs" / "demo.yaml", tmp_path, 1, env=lever)
+    head_env = LocalHead(app.env(), tmp_path / "head.log").env
+    assert head_env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"  # the lever under test wins
+    others = {k: v for k, v in SERVING_ENV.items() if k != "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"}
+    assert {k: head_env[k] for k in others} == {k: os.environ.get(k, v) for k, v in others.items()}

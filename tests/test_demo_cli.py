@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from audioclip_serve.bench.serveapp import SERVE_ENV, ServeApp, free_port, wait_ready, write_config
+from audioclip_serve.bench.serveapp import ServeApp, free_port, wait_ready, write_config
 from audioclip_serve.local_head import LocalHead, ray_cli
 from audioclip_serve.procfs import cmdline, descendants, start_time
 
@@ -127,7 +127,7 @@ def test_make_demo_launcher_serves_and_stops_its_head(tmp_path):
     Ctrl-C stops Serve, then every process of its head."""
     port = free_port()
     config, _ = write_config(ROOT / "configs" / "demo.yaml", port, tmp_path, free_port())
-    env = {**SERVE_ENV, **os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "audioclip_serve.local_head", str(config)],
         cwd=ROOT,

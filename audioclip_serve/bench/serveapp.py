@@ -17,7 +17,7 @@ from audioclip_serve.local_head import LocalHead, free_port, serve_run_command, 
 
 from .common import ROOT, log
 
-__all__ = ["SERVE_ENV", "ServeApp", "free_port", "wait_ready", "write_config"]
+__all__ = ["ServeApp", "free_port", "wait_ready", "write_config"]
 
 
 def write_config(source: Path, port: int, directory: Path, grpc_port: int) -> tuple[Path, bool]:
@@ -56,21 +56,6 @@ def wait_ready(url: str, timeout_s: float = 240.0, proc: subprocess.Popen | None
             return time.monotonic() - started
         time.sleep(1.0)
     raise TimeoutError(f"{url}/readyz not 200 after {timeout_s:.0f} s")
-
-
-# What `make demo` sets too (Makefile, DEMO_ENV): HAProxy as the HTTP ingress, forwarding straight to
-# the router replicas (Serve's direct ingress) instead of through Serve's Python proxy: queries at
-# concurrency 32 2.5x the items/s, proxy + router CPU 16.4 -> 3.0 ms per request (docs/BENCHMARKS.md).
-# Set RAY_SERVE_ENABLE_HA_PROXY=0 to run Serve's own proxy.
-# Serve's throughput mode (its replica code on the replica's own loop, gRPC between deployments): the
-# router's CPU per query at concurrency 1 9.1-11.0 -> 6.7-7.6 ms; its gRPC calls need the replicas'
-# 4 MiB receive limit raised (windowed audio sends more). A driver process that sets it must make its
-# handle calls from an event loop, so it is set for `serve run` and its cluster only.
-SERVE_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",
-}
 
 
 class ServeApp:
@@ -121,10 +106,10 @@ class ServeApp:
         self.ready_s = wait_ready(self.url, self.ready_timeout_s, self.proc)
 
     def env(self) -> dict[str, str]:
-        """This process's environment, with the project importable for the replicas, the serving
-        environment ``make demo`` uses (``SERVE_ENV``) where this one does not set those variables,
-        and the lever under test over both."""
-        env = {**SERVE_ENV, **os.environ, **self.extra_env}
+        """This process's environment, with the project importable for the replicas and the lever
+        under test over it; the head adds the serving environment ``make demo`` uses
+        (``local_head.SERVING_ENV``) where these do not set its variables."""
+        env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
