@@ -118,6 +118,14 @@ def test_serve_run_demo_config(tmp_path):
         assert httpx.get(f"{app.url}/v1/models", timeout=60).json()["weights"] == "synthetic"
         assert app.grpc_target is not None, "the demo config lost its gRPC ingress"
         run_readme_snippets(app.port, app.grpc_target, tmp_path)
+        bad = httpx.post(f"{app.url}/v1/embed/text", json={"texts": ["ok", 5]}, timeout=60)
+        assert bad.status_code == 422
+        # The refusal is in the router's log file at once, not held in Serve's throughput-mode buffer.
+        [logs] = {m.group(1) for c in family.values() if (m := re.search(r"--log_dir=(\S+)", c))}
+        router_logs = list((Path(logs) / "serve").glob("replica_audioclip_Router_*.log"))
+        assert router_logs
+        text = "".join(f.read_text() for f in router_logs)
+        assert "refused: 422 not_a_string" in text, "the router's refusal did not reach its log file"
     finally:
         app.stop()
 
