@@ -56,7 +56,7 @@ SERVING_ENV = {
     # one at once costs the request path nothing.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     # Quieter timers: Serve's control loop every 0.5 s (not 0.1), each replica's and handle's metrics
-    # pushed every 1 s (not 0.1; Prometheus scrapes far less often), the node's stats every 15 s (not
+    # exported every 1 s (not 0.1; Prometheus scrapes far less often), the node's stats every 15 s (not
     # 5). The idle demo's processes used 0.19-0.21 cores instead of 0.28-0.29, and every forward on
     # both cores waits for what they take: 1-15 % more queries/s served.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
@@ -120,7 +120,7 @@ def stop_serve_run(run: subprocess.Popen, timeout_s: float = 90.0) -> int | None
 class LocalHead:
     """``ray start --head --block`` on free ports, with ``LEAN_HEAD_FLAGS`` unless ``lean`` is False (a
     default head: the Ray dashboard on a free port), in ``env`` over ``SERVING_ENV``; ``address`` is
-    its GCS."""
+    its GCS. ``self.env`` is for the cluster's processes and `serve run` only, not for a driver."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, lean: bool = True) -> None:
         self.env = serving_env(env)

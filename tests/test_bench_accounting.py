@@ -168,7 +168,7 @@ def test_serve_env_is_parsed_as_key_value_pairs():
         parse_args(["--serve-env", "RAY_A"])
 
 
-def test_make_demo_and_the_benchmark_serve_in_one_environment(tmp_path):
+def test_make_demo_and_the_benchmark_serve_in_one_environment(tmp_path, monkeypatch):
     """`make demo` sets no Ray variable of its own: it and the benchmark's app both get the launcher's
     SERVING_ENV, under whatever the caller sets (a lever under test, or the bench's auth mode)."""
     from audioclip_serve.bench.serveapp import ServeApp
@@ -179,9 +179,11 @@ def test_make_demo_and_the_benchmark_serve_in_one_environment(tmp_path):
     line = next(x for x in dry.stdout.splitlines() if "audioclip_serve.local_head " in x)
     assert not [w for w in line.split() if "=" in w and w.startswith(("RAY_", "REPORTER_"))]
 
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the caller's own variable
     lever = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}
     app = ServeApp(root / "configs" / "demo.yaml", tmp_path, 1, env=lever)
     head_env = LocalHead(app.env(), tmp_path / "head.log").env
     assert head_env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"  # the lever under test wins
+    assert head_env["RAY_AUTH_MODE"] == "disabled"  # and so does the caller's environment
     others = {k: v for k, v in SERVING_ENV.items() if k != "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"}
     assert {k: head_env[k] for k in others} == {k: os.environ.get(k, v) for k, v in others.items()}

@@ -121,7 +121,9 @@ def test_serve_run_demo_config(tmp_path):
         bad = httpx.post(f"{app.url}/v1/embed/text", json={"texts": ["ok", 5]}, timeout=60)
         assert bad.status_code == 422
         # The refusal is in the router's log file at once, not held in Serve's throughput-mode buffer.
-        [logs] = {m.group(1) for c in family.values() if (m := re.search(r"--log_dir=(\S+)", c))}
+        log_dirs = {m.group(1) for c in family.values() if (m := re.search(r"--log_dir=(\S+)", c))}
+        assert len(log_dirs) == 1, f"the GCS and raylet name one log folder, not {log_dirs}"
+        [logs] = log_dirs
         router_logs = list((Path(logs) / "serve").glob("replica_audioclip_Router_*.log"))
         assert router_logs
         text = "".join(f.read_text() for f in router_logs)
@@ -215,7 +217,7 @@ def test_head_and_its_drivers_share_one_auth_mode(tmp_path):
         driver = "import ray, sys; ray.init(address=sys.argv[1]); print(len(ray.nodes()))"
         result = subprocess.run(
             [sys.executable, "-c", driver, head.address],
-            env=head.env,
+            env={**env, "RAY_AUTH_MODE": head.env["RAY_AUTH_MODE"]},  # a driver: not the serving env
             capture_output=True,
             text=True,
             timeout=120,
