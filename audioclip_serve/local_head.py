@@ -73,11 +73,6 @@ SERVING_ENV = {
 }
 
 
-def serving_env(given: Mapping[str, str]) -> dict[str, str]:
-    """``given`` (e.g. ``os.environ``) over ``SERVING_ENV``."""
-    return {**SERVING_ENV, **given}
-
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket() as s:
@@ -123,7 +118,7 @@ class LocalHead:
     its GCS. ``self.env`` is for the cluster's processes and `serve run` only, not for a driver."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, lean: bool = True) -> None:
-        self.env = serving_env(env)
+        self.env = {**SERVING_ENV, **env}  # the caller's variables win
         self.lean = lean
         self.log_path = log_path
         self.dashboard_port = None if lean else free_port()
