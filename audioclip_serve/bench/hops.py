@@ -1,0 +1,111 @@
+"""One client at a time against a served app: each request's latency and what it cost each of the
+app's processes, for ``scripts/bench_hops.py`` (our query against Serve's own floor, the app in
+``floor_app.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .common import log
+from .load import HttpError
+from .meter import CpuMeter, cpu_ms_per_request
+from .serveapp import ServeApp
+
+WARMUP_REQUESTS = 20
+
+
+def write_floor_config(directory: Path) -> Path:
+    """A serve config of the floor app, served as the demo is (no access log, the proxy on the head)."""
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "logging_config": {"enable_access_log": False},
+        "applications": [
+            {"name": "floor", "route_prefix": "/", "import_path": "audioclip_serve.bench.floor_app:app"}
+        ],
+    }
+    path = directory / "floor.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request, sent again and again; ``check`` says whether an answer's body is right."""
+
+    method: str
+    route: str
+    body: bytes | None
+    check: Callable[[bytes], bool]
+
+
+async def measure(url: str, call: Call, requests: int) -> dict:
+    """``requests`` calls one after another on one keep-alive connection (after untimed warm-up
+    ones), each answer checked: latency p50 / mean / p99 in ms, and the p50 of the router's
+    ``x-inference-time`` (the forward inside the tower) where the answers carry it."""
+    import aiohttp
+
+    latencies, inference = [], []
+    headers = {"content-type": "application/json"} if call.body is not None else {}
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=1)) as session:
+        for index in range(WARMUP_REQUESTS + requests):
+            started = time.perf_counter()
+            async with session.request(call.method, call.route, data=call.body, headers=headers) as response:
+                payload = await response.read()
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+            if response.status != 200 or not call.check(payload):
+                raise HttpError(f"{call.route}: {response.status} {payload[:200]!r}")
+            if index >= WARMUP_REQUESTS:
+                latencies.append(elapsed_ms)
+                if "x-inference-time" in response.headers:
+                    inference.append(float(response.headers["x-inference-time"]))
+    latencies.sort()
+    out = {
+        "p50_ms": round(statistics.median(latencies), 2),
+        "mean_ms": round(statistics.fmean(latencies), 2),
+        "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 2),
+    }
+    if inference:
+        out["inference_p50_ms"] = round(statistics.median(inference), 2)
+    return out
+
+
+def run_calls(app: ServeApp, calls: dict[str, Call], requests: int) -> dict[str, dict]:
+    """Each call on a running app, with the CPU milliseconds per request in each of its processes."""
+    meter = CpuMeter(app.root_pids())
+    out = {}
+    for name, call in calls.items():
+        before, started = meter.snapshot(), time.perf_counter()
+        result = asyncio.run(measure(app.url, call, requests))
+        wall_s = time.perf_counter() - started
+        cores = meter.usage(before, meter.snapshot(), wall_s)
+        result["cpu_ms_per_request"] = cpu_ms_per_request(cores, wall_s, WARMUP_REQUESTS + requests)
+        log(f"  {name}: {result}")
+        out[name] = result
+    return out
+
+
+def serve_and_measure(config: Path, calls: dict[str, Call], requests: int, workdir: Path) -> dict[str, dict]:
+    """``run_calls`` on the app of ``config``, served on a head of its own for the time it takes."""
+    app = ServeApp(config, workdir, ready_timeout_s=300)
+    app.start()
+    try:
+        return run_calls(app, calls, requests)
+    finally:
+        app.stop()
+
+
+def halt_poll_ns() -> int | None:
+    """How long an idle vCPU of this guest polls before it halts (the haltpoll cpuidle driver; None
+    where there is none). At 0 every idle vCPU halts, and waking it goes through the hypervisor."""
+    try:
+        return int(Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text())
+    except (OSError, ValueError):
+        return None
