@@ -11,10 +11,11 @@ Two apps served alike (a ``LocalHead`` with the serving environment, HAProxy ing
 
 One client, keep-alive, ``--requests`` per case; p50 and mean latency, and the CPU milliseconds per
 request in each process of the app. The raw text tower at batch 1 (the demo's settings, tokenizing
-included) is timed first, alone, and the report gives the best served/raw at c1 that Serve's two
-hops leave: raw forward / (raw forward + the floor's ``/hop`` p50).
+included) is timed alone at the start of each round; the floor's callee is then kept busy for that
+long (``/hop?spin_ms=``), and the report gives the served/raw at c1 that the floor reaches: the raw
+forward over the floor's mean latency around it. The JSON is rewritten after every round.
 
-    python scripts/bench_hops.py --json docs/bench_hops.json
+    python scripts/bench_hops.py --json docs/bench_hops/run.json
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audioclip_serve.bench.common import ROOT, log
-from audioclip_serve.bench.hops import Call, halt_poll_ns, serve_and_measure, write_floor_config
+from audioclip_serve.bench.hops import Call, halt_poll_ns, serve_and_measure, summary, write_floor_config
 from audioclip_serve.bench.inputs import make_inputs
 from audioclip_serve.bench.raw import app_settings, run_raw
 
@@ -37,21 +38,6 @@ def one_row(payload: bytes) -> bool:
     """An answer of one 1024-d vector."""
     rows = json.loads(payload).get("embeddings", [])
     return len(rows) == 1 and len(rows[0]) == 1024
-
-
-def summary(floor: dict, demo: dict, raw_ms: float) -> dict:
-    """A round's decomposition of a query's time against the floor's."""
-    query = demo["query"]
-    forward = query["inference_p50_ms"]
-    return {
-        "floor_hops_back_to_back_ms": floor["hop"]["p50_ms"],
-        "floor_hops_around_a_forward_ms": round(floor["hop_forward"]["p50_ms"] - raw_ms, 2),
-        "query_minus_its_forward_ms": round(query["p50_ms"] - forward, 2),
-        "forward_in_replica_over_raw": round(forward / raw_ms, 3),
-        # items/s at concurrency 1 is 1 / the mean latency
-        "served_over_raw_c1": round(raw_ms / query["mean_ms"], 3),
-        "floor_served_over_raw_c1": round(raw_ms / floor["hop_forward"]["mean_ms"], 3),
-    }
 
 
 def main() -> None:
@@ -67,18 +53,8 @@ def main() -> None:
 
     pool = make_inputs(["queries"])["queries"]
     settings = app_settings(args.config)
-    [raw] = [r for r in run_raw({"queries": pool[:1]}, args.raw_seconds, 0.0, settings) if r.batch == 1]
-    raw_ms = raw.median_s * 1e3
-    log(f"raw text tower, batch 1: {raw_ms:.2f} ms")
-
     query = json.dumps({"texts": [pool[0]]}).encode()
     echoed = query.__eq__
-    floor_calls = {
-        "direct": Call("POST", "/direct", query, echoed),
-        "hop": Call("POST", "/hop", query, echoed),
-        # the callee's executor busy for the raw forward's time, as the tower's is
-        "hop_forward": Call("POST", f"/hop?spin_ms={raw_ms:.2f}", query, echoed),
-    }
     demo_calls = {
         "healthz": Call("GET", "/healthz", None, lambda body: json.loads(body)["status"] == "ok"),
         "empty": Call(
@@ -86,26 +62,35 @@ def main() -> None:
         ),
         "query": Call("POST", "/v1/embed/text", query, one_row),
     }
-    rounds = []
+    report = {
+        "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+        "requests_per_case": args.requests,
+        "guest_halt_poll_ns": halt_poll_ns(),
+        "rounds": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench_hops_") as tmp:
         floor_config = write_floor_config(Path(tmp))
         for index in range(1, args.rounds + 1):
-            log(f"round {index}: the floor app")
+            [raw] = [
+                r for r in run_raw({"queries": pool[:1]}, args.raw_seconds, 0.0, settings) if r.batch == 1
+            ]
+            raw_ms = raw.median_s * 1e3
+            log(f"round {index}: raw text tower, batch 1: {raw_ms:.2f} ms; the floor app")
+            floor_calls = {
+                "direct": Call("POST", "/direct", query, echoed),
+                "hop": Call("POST", "/hop", query, echoed),
+                # the callee's executor busy for the raw forward's time, as the tower's is
+                "hop_forward": Call("POST", f"/hop?spin_ms={raw_ms:.2f}", query, echoed),
+            }
             floor = serve_and_measure(floor_config, floor_calls, args.requests, Path(tmp))
             log(f"round {index}: {args.config.name}")
             demo = serve_and_measure(args.config, demo_calls, args.requests, Path(tmp))
-            rounds.append({"floor": floor, "demo": demo, "summary": summary(floor, demo, raw_ms)})
-            log(f"round {index}: {rounds[-1]['summary']}")
-
-    report = {
-        "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
-        "raw_text_batch1_ms": round(raw_ms, 2),
-        "requests_per_case": args.requests,
-        "guest_halt_poll_ns": halt_poll_ns(),
-        "rounds": rounds,
-    }
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+            result = {"raw_text_batch1_ms": round(raw_ms, 2), "floor": floor, "demo": demo}
+            result["summary"] = summary(floor, demo, raw_ms)
+            report["rounds"].append(result)
+            log(f"round {index}: {result['summary']}")
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from audioclip.backends import DEFAULT_CACHE_DIR, check_backend, runtime_label
 from audioclip.factory import TowerBuild, build_tower, load_weights
 
-DEFAULTS = ("text=openvino", "image=onnxruntime", "audio=openvino")  # the CPU configs' choices
+DEFAULTS = ("text=onnxruntime", "image=onnxruntime", "audio=openvino")  # the CPU configs' choices
 
 
 def parse_tower(spec: str) -> tuple[str, str, bool]:

@@ -112,3 +112,18 @@ def test_the_cluster_config_ships_the_code_and_every_dependency_but_the_runtime(
         **production,
         "args": {**production["args"], "checkpoint": None},
     }
+
+
+def test_export_script_defaults_are_the_cpu_configs_backends():
+    """`scripts/export_graphs.py` with no --tower fills an image's cache with the graphs the CPU
+    configs load; a config that changes a tower's backend must change the script with it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_graphs", ROOT / "scripts" / "export_graphs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    defaults = dict(default.partition("=")[::2] for default in script.DEFAULTS)
+    for name in ("demo.yaml", "cpu.yaml", "secured.yaml"):
+        args = yaml.safe_load((ROOT / "configs" / name).read_text())["applications"][0]["args"]
+        backends = {tower: args[tower]["backend"] for tower in ("text", "image", "audio")}
+        assert backends == defaults, f"{name} runs {backends}, export_graphs.py exports {defaults}"

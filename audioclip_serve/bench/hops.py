@@ -47,25 +47,23 @@ class Call:
 
 
 async def measure(url: str, call: Call, requests: int) -> dict:
-    """``requests`` calls one after another on one keep-alive connection (after untimed warm-up
-    ones), each answer checked: latency p50 / mean / p99 in ms, and the p50 of the router's
-    ``x-inference-time`` (the forward inside the tower) where the answers carry it."""
+    """``requests`` calls one after another on one keep-alive connection, each answer checked:
+    latency p50 / mean / p99 in ms, and the p50 of the router's ``x-inference-time`` (the forward
+    inside the tower) where the answers carry it."""
     import aiohttp
 
     latencies, inference = [], []
     headers = {"content-type": "application/json"} if call.body is not None else {}
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=1)) as session:
-        for index in range(WARMUP_REQUESTS + requests):
+        for _ in range(requests):
             started = time.perf_counter()
             async with session.request(call.method, call.route, data=call.body, headers=headers) as response:
                 payload = await response.read()
-            elapsed_ms = (time.perf_counter() - started) * 1e3
+            latencies.append((time.perf_counter() - started) * 1e3)
             if response.status != 200 or not call.check(payload):
                 raise HttpError(f"{call.route}: {response.status} {payload[:200]!r}")
-            if index >= WARMUP_REQUESTS:
-                latencies.append(elapsed_ms)
-                if "x-inference-time" in response.headers:
-                    inference.append(float(response.headers["x-inference-time"]))
+            if "x-inference-time" in response.headers:
+                inference.append(float(response.headers["x-inference-time"]))
     latencies.sort()
     out = {
         "p50_ms": round(statistics.median(latencies), 2),
@@ -82,11 +80,12 @@ def run_calls(app: ServeApp, calls: dict[str, Call], requests: int) -> dict[str,
     meter = CpuMeter(app.root_pids())
     out = {}
     for name, call in calls.items():
+        asyncio.run(measure(app.url, call, WARMUP_REQUESTS))  # untimed, and outside the CPU count
         before, started = meter.snapshot(), time.perf_counter()
         result = asyncio.run(measure(app.url, call, requests))
         wall_s = time.perf_counter() - started
         cores = meter.usage(before, meter.snapshot(), wall_s)
-        result["cpu_ms_per_request"] = cpu_ms_per_request(cores, wall_s, WARMUP_REQUESTS + requests)
+        result["cpu_ms_per_request"] = cpu_ms_per_request(cores, wall_s, requests)
         log(f"  {name}: {result}")
         out[name] = result
     return out
@@ -100,6 +99,22 @@ def serve_and_measure(config: Path, calls: dict[str, Call], requests: int, workd
         return run_calls(app, calls, requests)
     finally:
         app.stop()
+
+
+def summary(floor: dict[str, dict], demo: dict[str, dict], raw_ms: float) -> dict[str, float]:
+    """A round's query against the floor: what the hops cost back to back and around a forward's
+    time, what the query spends beyond its forward, and served/raw at concurrency 1 for both (items/s
+    at c1 is 1 / the mean latency)."""
+    query = demo["query"]
+    forward = query["inference_p50_ms"]
+    return {
+        "floor_hops_back_to_back_ms": floor["hop"]["p50_ms"],
+        "floor_hops_around_a_forward_ms": round(floor["hop_forward"]["p50_ms"] - raw_ms, 2),
+        "query_minus_its_forward_ms": round(query["p50_ms"] - forward, 2),
+        "forward_in_replica_over_raw": round(forward / raw_ms, 3),
+        "served_over_raw_c1": round(raw_ms / query["mean_ms"], 3),
+        "floor_served_over_raw_c1": round(raw_ms / floor["hop_forward"]["mean_ms"], 3),
+    }
 
 
 def halt_poll_ns() -> int | None:
