@@ -29,7 +29,6 @@ def test_the_floor_app_echoes_through_both_hops(floor_app):
         "hop_forward": Call("POST", "/hop?spin_ms=3", body, body.__eq__),
     }
     results = run_calls(floor_app, calls, requests=20)
-    assert set(results) == {"direct", "hop_forward"}
     hop = results["hop_forward"]
     assert hop["p50_ms"] >= 3.0  # the callee spent 3 ms of its thread's CPU time before answering
     # Those 3 ms a request are counted to the callee's own deployment (in 10-ms clock ticks over 20
@@ -43,7 +42,8 @@ def test_the_floor_app_echoes_through_both_hops(floor_app):
 @pytest.mark.slow
 def test_a_wrong_answer_fails_the_measurement(floor_app):
     wrong = Call("POST", "/hop", b"ping", lambda answer: answer == b"pong")
-    with pytest.raises(HttpError, match="/hop: 200"):
+    # The untimed warm-up (20 requests) already checks every answer, and stops there.
+    with pytest.raises(HttpError, match=r"20 of 20 answers wrong.*/hop: 200"):
         run_calls(floor_app, {"wrong": wrong}, requests=1)
 
 

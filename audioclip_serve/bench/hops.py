@@ -5,16 +5,17 @@ app's processes, for ``scripts/bench_hops.py`` (our query against Serve's own fl
 from __future__ import annotations
 
 import asyncio
-import statistics
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from .common import log
-from .load import HttpError
+from .load import HttpError, closed_loop
 from .meter import CpuMeter, cpu_ms_per_request
 from .serveapp import ServeApp
 
@@ -22,10 +23,10 @@ WARMUP_REQUESTS = 20
 
 
 def write_floor_config(directory: Path) -> Path:
-    """A serve config of the floor app, served as the demo is (no access log, the proxy on the head)."""
+    """A serve config of the floor app, served as the demo is (no access log, the proxy on the head;
+    ``ServeApp`` gives it a free port)."""
     config = {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": 8000},
         "logging_config": {"enable_access_log": False},
         "applications": [
             {"name": "floor", "route_prefix": "/", "import_path": "audioclip_serve.bench.floor_app:app"}
@@ -47,31 +48,36 @@ class Call:
 
 
 async def measure(url: str, call: Call, requests: int) -> dict:
-    """``requests`` calls one after another on one keep-alive connection, each answer checked:
-    latency p50 / mean / p99 in ms, and the p50 of the router's ``x-inference-time`` (the forward
-    inside the tower) where the answers carry it."""
+    """``requests`` calls one after another on one keep-alive connection (the benchmark's closed
+    loop at concurrency 1), each answer checked: latency p50 / mean / p99 in ms, and the p50 of the
+    router's ``x-inference-time`` (the forward inside the tower) where the answers carry it. Raises
+    ``HttpError`` if any answer was wrong."""
     import aiohttp
 
-    latencies, inference = [], []
+    inference: list[float] = []
     headers = {"content-type": "application/json"} if call.body is not None else {}
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=1)) as session:
-        for _ in range(requests):
-            started = time.perf_counter()
+
+        async def send(_: int) -> int:
             async with session.request(call.method, call.route, data=call.body, headers=headers) as response:
                 payload = await response.read()
-            latencies.append((time.perf_counter() - started) * 1e3)
             if response.status != 200 or not call.check(payload):
                 raise HttpError(f"{call.route}: {response.status} {payload[:200]!r}")
             if "x-inference-time" in response.headers:
                 inference.append(float(response.headers["x-inference-time"]))
-    latencies.sort()
+            return 1
+
+        latencies, _, errors, _ = await closed_loop(send, 1, math.inf, requests, call.route)
+    if errors:
+        raise HttpError(f"{sum(errors.values())} of {requests} answers wrong: {dict(errors)}")
+    latency_ms = np.array(latencies) * 1e3
     out = {
-        "p50_ms": round(statistics.median(latencies), 2),
-        "mean_ms": round(statistics.fmean(latencies), 2),
-        "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 2),
+        "p50_ms": round(float(np.percentile(latency_ms, 50)), 2),
+        "mean_ms": round(float(latency_ms.mean()), 2),
+        "p99_ms": round(float(np.percentile(latency_ms, 99)), 2),
     }
     if inference:
-        out["inference_p50_ms"] = round(statistics.median(inference), 2)
+        out["inference_p50_ms"] = round(float(np.median(inference)), 2)
     return out
 
 
