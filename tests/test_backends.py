@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import max_rel, row_cosines
+from conftest import load_script, max_rel, row_cosines
 
 import audioclip
 from audioclip import backends
@@ -188,13 +188,7 @@ def test_backends_refuse_what_they_cannot_run(tower, backend, precision, message
 
 def test_export_script_fills_the_cache_ahead_of_serving(tmp_path, capsys):
     """scripts/export_graphs.py writes the graph a replica of that checkpoint then loads."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "export_graphs.py"
-    spec = importlib.util.spec_from_file_location("export_graphs", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("export_graphs")
     args = ["--checkpoint", "synthetic:demo", "--cache", str(tmp_path), "--tower", "text=onnxruntime"]
     assert script.main(args) == 0
     tower, label, _ = capsys.readouterr().out.strip().split("\t")

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+from conftest import load_script
 from serve_support import free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_peer", ROOT / "scripts" / "bench_peer.py")
-bench_peer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_peer)
+bench_peer = load_script("bench_peer")
 
 
 async def _embeddings(request: Request) -> JSONResponse:

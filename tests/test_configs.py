@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_script
 
 from deployments.app import build_app
 from deployments.settings import AppArgs
@@ -117,12 +118,7 @@ def test_the_cluster_config_ships_the_code_and_every_dependency_but_the_runtime(
 def test_export_script_defaults_are_the_cpu_configs_backends():
     """`scripts/export_graphs.py` with no --tower fills an image's cache with the graphs the CPU
     configs load; a config that changes a tower's backend must change the script with it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_graphs", ROOT / "scripts" / "export_graphs.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    defaults = dict(default.partition("=")[::2] for default in script.DEFAULTS)
+    defaults = dict(default.partition("=")[::2] for default in load_script("export_graphs").DEFAULTS)
     for name in ("demo.yaml", "cpu.yaml", "secured.yaml"):
         args = yaml.safe_load((ROOT / "configs" / name).read_text())["applications"][0]["args"]
         backends = {tower: args[tower]["backend"] for tower in ("text", "image", "audio")}
